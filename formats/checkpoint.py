@@ -1,0 +1,134 @@
+"""The quantized checkpoint folder: quantize once, write GGUF and ONNX from it many times.
+
+Layout (a Hugging Face folder plus planes)::
+
+    OUT_DIR/
+      config.json, tokenizer.json, ...      copied unchanged from the source checkpoint
+      qdllm_quant.json                      the record: format version, method, options, calibration,
+                                            per-tensor shape, plane counts, bits per weight, errors
+      model-00001-of-0000N.safetensors      one shard per transformer block, plus one for the rest
+      model.safetensors.index.json
+
+Unquantized tensors keep their Hugging Face names and stored dtype. A quantized linear ``X.weight``
+is stored as ``X.weight.qdllm.{planes,signs,row_scale,col_scale[,mu]}``: the fields of
+``formats.qtensor.QuantizedTensor``, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from formats.errors import FormatError, QdllmError
+from formats.families import read_config
+from formats.qtensor import FIELDS, QuantizedTensor
+from formats.safetensors_io import Checkpoint, write_safetensors
+from formats.tensors import canonical_names, canonical_shape
+
+RECORD = "qdllm_quant.json"
+FORMAT_VERSION = 1
+SUFFIX = ".qdllm."
+
+
+def is_quantized_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / RECORD).is_file()
+
+
+class QuantizedCheckpoint:
+    """A quantized checkpoint folder as a ``TensorSource`` (lazy, memory-mapped)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.family, self.hparams, self.config = read_config(self.folder)
+        path = self.folder / RECORD
+        try:
+            self.record: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: unreadable quantization record ({e})") from None
+        if self.record.get("format_version") != FORMAT_VERSION:
+            raise FormatError(f"{path}: format_version {self.record.get('format_version')!r} is not {FORMAT_VERSION}; "
+                              "re-quantize with this version of qdllm-export")
+        self.ckpt = Checkpoint(self.folder)
+        self.hf = self.family.hf_names(self.hparams)
+        self.quantized: dict[str, dict[str, Any]] = self.record.get("tensors", {})
+        for name in canonical_names(self.hparams):
+            hf = self.hf[name]
+            if name in self.quantized:
+                for f in FIELDS[:4]:
+                    if hf + SUFFIX + f not in self.ckpt:
+                        raise FormatError(f"{self.folder}: quantized tensor {hf!r} lacks its field {f!r}; the folder is incomplete")
+            elif hf not in self.ckpt:
+                raise FormatError(f"{self.folder}: tensor {hf!r} is missing")
+
+    def names(self) -> list[str]:
+        return canonical_names(self.hparams)
+
+    def get(self, name: str) -> np.ndarray | QuantizedTensor:
+        hf = self.hf[name]
+        if name in self.quantized:
+            arrays = {f: self.ckpt.raw(hf + SUFFIX + f) for f in FIELDS if hf + SUFFIX + f in self.ckpt}
+            info = self.quantized[name]
+            return QuantizedTensor.from_arrays(
+                canonical_shape(self.hparams, name), int(info["group_size"]), arrays, name=name,
+                meta={"method": self.record.get("method")},
+            )
+        return self.ckpt.get(hf)
+
+    def dtype(self) -> str:
+        return str(self.record.get("source_dtype", "F32"))
+
+
+class QuantizedCheckpointWriter:
+    """Writes a quantized checkpoint shard by shard into a temporary folder; ``finish`` renames it.
+
+    Nothing appears at ``folder`` until ``finish`` succeeds; ``abort`` removes the temporary folder.
+    """
+
+    def __init__(self, folder: str | Path, source_folder: str | Path, n_shards: int, force: bool = False):
+        self.folder = Path(folder)
+        if self.folder.exists() and not force:
+            raise QdllmError(f"{self.folder}: already exists; choose another output folder or pass --force")
+        self.tmp = self.folder.with_name(self.folder.name + ".partial")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        src = Path(source_folder)
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, self.tmp / f.name)
+        self.n_shards = n_shards
+        self.shard = 0
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def add_shard(self, floats: dict[str, np.ndarray], quantized: dict[str, QuantizedTensor], bf16: bool) -> None:
+        """One shard: float tensors by HF name (stored bf16 when ``bf16``) and quantized ones."""
+        self.shard += 1
+        fname = f"model-{self.shard:05d}-of-{self.n_shards:05d}.safetensors"
+        tensors: dict[str, np.ndarray] = dict(floats)
+        for hf, qt in quantized.items():
+            for f, arr in qt.arrays().items():
+                tensors[hf + SUFFIX + f] = arr
+        write_safetensors(self.tmp / fname, tensors, {"format": "pt"}, bf16=set(floats) if bf16 else frozenset())
+        for n, t in tensors.items():
+            self.weight_map[n] = fname
+            self.total += t.size * (2 if bf16 and n in floats else t.itemsize)
+
+    def finish(self, record: dict[str, Any]) -> None:
+        if self.shard != self.n_shards:
+            raise QdllmError(f"{self.folder}: wrote {self.shard} shards, expected {self.n_shards}")
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        record = {"format_version": FORMAT_VERSION, **record}
+        (self.tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        os.replace(self.tmp, self.folder)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""A model's tensors by canonical name, whatever they are stored in.
+
+Canonical names are llama.cpp's (``token_embd.weight``, ``blk.3.attn_q.weight``, ...) with rows in the
+*checkpoint's* order (no llama.cpp Q/K permutation: writers apply it). A value is a float32 array or,
+for a quantized linear, a ``QuantizedTensor``. Every writer (GGUF, ONNX) and the NumPy runtime read
+models through ``TensorSource``; sources load lazily so only one tensor need be in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Protocol, Union
+
+import numpy as np
+
+from formats.errors import QdllmError
+from formats.families import Family, HParams, read_config
+from formats.qtensor import QuantizedTensor
+from formats.safetensors_io import Checkpoint
+
+Tensor = Union[np.ndarray, QuantizedTensor]
+
+
+class TensorSource(Protocol):
+    hparams: HParams
+
+    def names(self) -> list[str]:
+        """Canonical names in family order (globals first, then layer by layer)."""
+        ...
+
+    def get(self, name: str) -> Tensor:
+        ...
+
+
+def canonical_names(hp: HParams) -> list[str]:
+    """Canonical names of every tensor of a model, in family order."""
+    out = [t.gguf for t in hp.spec.global_tensors()]
+    for i in range(hp.n_layers):
+        out.extend(t.gguf.format(i=i) for t in hp.spec.layer_tensors())
+    return out
+
+
+def canonical_shape(hp: HParams, name: str) -> tuple[int, ...]:
+    for t in hp.spec.tensors:
+        if t.per_layer:
+            if name.startswith("blk.") and name.split(".", 2)[2] == t.role:
+                return t.shape(hp)
+        elif t.gguf == name:
+            return t.shape(hp)
+    raise QdllmError(f"no tensor named {name!r} in a {hp.family} model")
+
+
+def is_linear(hp: HParams, name: str) -> bool:
+    return name.startswith("blk.") and name.split(".", 2)[2] in hp.spec.linear_roles()
+
+
+class DictTensors:
+    """Tensors held in a dict (tests, small models)."""
+
+    def __init__(self, hparams: HParams, tensors: dict[str, Tensor]):
+        self.hparams = hparams
+        self.tensors = tensors
+
+    def names(self) -> list[str]:
+        return [n for n in canonical_names(self.hparams) if n in self.tensors]
+
+    def get(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+
+class HFTensors:
+    """An official Hugging Face checkpoint folder read lazily, validated against the family table.
+
+    Every expected tensor must exist with the expected shape; each error names the file and the fix.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.family: Family
+        self.family, self.hparams, self.config = read_config(self.folder)
+        self.ckpt = Checkpoint(self.folder)
+        self._hf_name: dict[str, str] = {}
+        for hf, (spec, i, shape) in self.family.expected(self.hparams).items():
+            name = spec.gguf.format(i=i)
+            if hf not in self.ckpt:
+                raise QdllmError(
+                    f"{self.folder}: tensor {hf!r} is missing from the checkpoint; the config says "
+                    f"{self.hparams.n_layers} layers of a {self.family.name} model (is a shard missing or the config wrong?)"
+                )
+            got = self.ckpt.shape(hf)
+            if tuple(got) != tuple(shape):
+                raise QdllmError(
+                    f"{self.ckpt.file_of(hf).path}: tensor {hf!r} has shape {tuple(got)} but config.json implies "
+                    f"{tuple(shape)}; the config does not belong to these weights"
+                )
+            self._hf_name[name] = hf
+
+    def names(self) -> list[str]:
+        return canonical_names(self.hparams)
+
+    def hf_name(self, name: str) -> str:
+        return self._hf_name[name]
+
+    def get(self, name: str) -> np.ndarray:
+        arr = self.ckpt.get(self._hf_name[name])
+        if not np.isfinite(arr).all():
+            raise QdllmError(f"{self.ckpt.file_of(self._hf_name[name]).path}: tensor {self._hf_name[name]!r} holds NaN or inf")
+        return arr
+
+    def dtype(self) -> str:
+        """Storage dtype of the first linear weight: 'BF16', 'F16' or 'F32'."""
+        return self.ckpt.dtype(self._hf_name["blk.0.attn_q.weight"])
+
+    def n_params(self) -> int:
+        return sum(int(np.prod(self.ckpt.shape(h))) for h in self._hf_name.values())
+
+    def layer_names(self, i: int) -> Iterator[str]:
+        prefix = f"blk.{i}."
+        return (n for n in self.names() if n.startswith(prefix))

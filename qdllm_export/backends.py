@@ -1,0 +1,118 @@
+"""Open any MODEL argument as a ``runtime_ref.backend.Backend``.
+
+MODEL is a bundled model's name (``tiny-llada``), a Hugging Face checkpoint folder, a quantized
+checkpoint folder (``quantize`` output), a ``.gguf`` file or a ``.onnx`` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from formats.errors import QdllmError
+from formats.qtensor import QuantizedTensor
+from formats.tensors import HFTensors, TensorSource, canonical_names
+from formats.tokenizer import load_tokenizer
+from runtime_ref.backend import Backend, shift_right
+
+DATA = Path(__file__).parent / "data"
+BUNDLED = ("tiny-llada", "tiny-dream")
+
+
+def resolve(model: str) -> Path:
+    """A bundled name or a path, checked to exist."""
+    if model in BUNDLED:
+        p = DATA / model
+        if not (p / "config.json").is_file():
+            raise QdllmError(f"bundled model {model!r} is missing from the installation ({p}); reinstall qdllm-export")
+        return p
+    p = Path(model)
+    if not p.exists():
+        raise QdllmError(f"{model}: no such file or folder (bundled models: {', '.join(BUNDLED)})")
+    return p
+
+
+def open_source(model: str) -> TensorSource:
+    """The tensors of a checkpoint folder (HF or quantized), without loading them."""
+    p = resolve(model)
+    if not p.is_dir():
+        raise QdllmError(f"{p}: expected a checkpoint folder")
+    from formats.checkpoint import QuantizedCheckpoint, is_quantized_checkpoint
+
+    return QuantizedCheckpoint(p) if is_quantized_checkpoint(p) else HFTensors(p)
+
+
+class TorchBackend:
+    """A checkpoint folder run by the PyTorch model (quantized tensors dequantized from stored fields)."""
+
+    def __init__(self, source: TensorSource, folder: Path, dtype: str = "float32", device: str = "cpu"):
+        from qdllm_export.models import load_model, torch_dtype
+
+        self.source_tensors = source
+        self.hparams = source.hparams
+        self.source = str(folder)
+        self.folder = folder
+        self.device = device
+        self.model = load_model(source, torch_dtype(dtype), device)
+        self.tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+
+    @torch.no_grad()
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+        out = self.model(t).float().cpu().numpy()
+        return shift_right(out) if self.hparams.spec.shift_logits else out
+
+    def describe(self) -> dict[str, Any]:
+        return describe_source(self.source_tensors, self.folder)
+
+
+def describe_source(source: TensorSource, folder: Path) -> dict[str, Any]:
+    """``inspect`` figures of a checkpoint folder, read from headers and quantized fields only."""
+    hp = source.hparams
+    float_bits = {"BF16": 16, "F16": 16}.get(source.dtype(), 32)
+    rows, total_bits, n_params, q_bits, q_params = [], 0, 0, 0, 0
+    for name in canonical_names(hp):
+        t = source.get(name)
+        if isinstance(t, QuantizedTensor):
+            n, bits = t.shape[0] * t.shape[1], t.stored_bits()
+            q_bits, q_params = q_bits + bits, q_params + n
+            rows.append({"name": name, "shape": list(t.shape), "type": f"planes(mean {t.mean_planes():.2f})", "bits_per_weight": bits / n})
+        else:
+            n = int(np.prod(t.shape))
+            bits = float_bits * n
+            rows.append({"name": name, "shape": list(t.shape), "type": source.dtype().lower(), "bits_per_weight": float(float_bits)})
+        total_bits += bits
+        n_params += n
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    fmt = "quantized-checkpoint" if q_params else "checkpoint"
+    return {"format": fmt, "path": str(folder), "family": hp.family, "hparams": hp.to_dict(), "n_params": n_params,
+            "bits_per_weight": total_bits / n_params, "bits_per_weight_linear": q_bits / q_params if q_params else None,
+            "size_bytes": size, "tensors": rows}
+
+
+def describe_model(model: str) -> dict[str, Any]:
+    """``inspect`` figures of any MODEL argument (folders are not loaded into PyTorch)."""
+    p = resolve(model)
+    if p.is_dir():
+        return describe_source(open_source(model), p)
+    return open_model(model).describe()
+
+
+def open_model(model: str, dtype: str = "float32", device: str = "cpu") -> Backend:
+    """Any MODEL argument as a Backend."""
+    p = resolve(model)
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix == ".gguf":
+            from runtime_ref.gguf_model import GGUFBackend
+
+            return GGUFBackend(p)
+        if suffix == ".onnx":
+            from runtime_ref.ort import OrtBackend
+
+            return OrtBackend(p)
+        raise QdllmError(f"{p}: unknown file type; expected a .gguf or .onnx file or a checkpoint folder")
+    return TorchBackend(open_source(model), p, dtype, device)

@@ -1,0 +1,95 @@
+"""PyTorch model families, resolved by ``formats.families`` name: one module per family."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from formats.errors import QdllmError
+from formats.families import HParams
+from formats.qtensor import QuantizedTensor
+from formats.safetensors_io import write_checkpoint
+from formats.tensors import TensorSource, canonical_names
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def family_module(hp: HParams) -> ModuleType:
+    return importlib.import_module(f"qdllm_export.models.{hp.family}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise QdllmError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def build_model(hp: HParams, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An uninitialised model of the family, parameters named as in the published checkpoints."""
+    with torch.device(device):
+        model = family_module(hp).Model(hp)
+    return model.to(dtype)
+
+
+def dequantize_torch(qt: QuantizedTensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``W_hat`` float32 ``[n_out, n_in]`` from the stored fields, computed in PyTorch.
+
+    Written independently of ``QuantizedTensor.dequantize`` (NumPy) so parity tests compare two
+    implementations of the contract.
+    """
+    n_out, n_in = qt.shape
+    g, nb = qt.group_size, qt.n_blocks
+    bits = torch.from_numpy(np.ascontiguousarray(qt.signs)).to(device)  # [P, n_out, g/8] uint8
+    shifts = torch.arange(8, device=device, dtype=torch.uint8)
+    b = ((bits[..., None] >> shifts) & 1).reshape(qt.n_planes, n_out, g).float() * 2 - 1
+    rs = torch.from_numpy(qt.row_scale.astype(np.float32)).to(device)
+    cs = torch.from_numpy(qt.col_scale.astype(np.float32)).to(device)
+    w = torch.zeros(n_out, nb, g, device=device)
+    if qt.mu is not None:
+        w += torch.from_numpy(qt.mu.astype(np.float32)).to(device)[:, :, None]
+    for p, (_, j) in enumerate(qt.plane_index()):
+        w[:, j, :] += rs[p][:, None] * cs[p][None, :] * b[p]
+    return w.reshape(n_out, n_in)
+
+
+def load_state(model: torch.nn.Module, source: TensorSource, device: str | torch.device = "cpu") -> None:
+    """Copy every tensor of ``source`` into ``model`` (quantized ones dequantized from stored fields)."""
+    hp = source.hparams
+    hf = hp.spec.hf_names(hp)
+    params = dict(model.named_parameters())
+    for name in canonical_names(hp):
+        val = source.get(name)
+        t = dequantize_torch(val, device) if isinstance(val, QuantizedTensor) else torch.from_numpy(np.asarray(val))
+        p = params[hf[name]]
+        with torch.no_grad():
+            p.copy_(t.to(p.dtype))
+
+
+def load_model(source: TensorSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
+    model = build_model(source.hparams, dtype, device)
+    load_state(model, source, device)
+    return model.eval()
+
+
+def save_checkpoint(model: torch.nn.Module, hp: HParams, folder: str | Path, *, dtype: str = "bfloat16",
+                    tokenizer_json: str | Path | None = None, config_extra: dict[str, Any] | None = None,
+                    n_shards: int = 1) -> None:
+    """Write ``model`` as a published-layout checkpoint: config.json, safetensors, tokenizer.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().float().cpu().numpy() for n, p in model.state_dict().items()}
+    if dtype == "bfloat16":
+        write_checkpoint(folder, tensors, n_shards, bf16=set(tensors))
+    else:
+        write_checkpoint(folder, {n: t.astype(np.dtype(dtype)) for n, t in tensors.items()}, n_shards)
+    cfg = hp.spec.config_from_hparams(hp, torch_dtype=dtype, **(config_extra or {}))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
