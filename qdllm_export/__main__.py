@@ -1,0 +1,3 @@
+from qdllm_export.cli import main
+
+main()
