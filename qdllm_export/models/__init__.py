@@ -46,7 +46,7 @@ def dequantize_torch(qt: QuantizedTensor, device: str | torch.device = "cpu") ->
     """
     n_out, n_in = qt.shape
     g, nb = qt.group_size, qt.n_blocks
-    bits = torch.from_numpy(np.ascontiguousarray(qt.signs)).to(device)  # [P, n_out, g/8] uint8
+    bits = torch.from_numpy(np.array(qt.signs)).to(device)  # [P, n_out, g/8] uint8
     shifts = torch.arange(8, device=device, dtype=torch.uint8)
     b = ((bits[..., None] >> shifts) & 1).reshape(qt.n_planes, n_out, g).float() * 2 - 1
     rs = torch.from_numpy(qt.row_scale.astype(np.float32)).to(device)

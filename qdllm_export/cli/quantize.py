@@ -1,0 +1,92 @@
+"""``qdllm-export quantize MODEL OUT_DIR``: Quant-dLLM / RTN / GPTQ into a quantized checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from formats.errors import QdllmError
+from qdllm_export.cli.app import app, console, progress
+
+METHOD_HELP = "quant-dllm (MCS + DAQ + ABMP) | gptq | rtn."
+
+
+def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_size: int, calib: Optional[Path],
+                 calib_samples: int, seq_len: int, mcs: bool, prefix_ratio: float, abmp: bool, abmp_ratio: float,
+                 data_aware: bool, iters: int, device: str, seed: int, force: bool, quiet: bool = False):
+    """Shared by ``quantize`` and the export verbs; returns (PipelineResult, record)."""
+    from qdllm_export.backends import resolve
+    from qdllm_export.calib import CalibConfig
+    from qdllm_export.pipeline import check_quantizable, quantize_checkpoint
+    from qdllm_export.quant import QuantConfig
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QdllmError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    folder = resolve(model)
+    qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, abmp=abmp, abmp_ratio=abmp_ratio,
+                       data_aware=data_aware, iters=iters, seed=seed)
+    ccfg = CalibConfig(path=str(calib) if calib else None, n_samples=calib_samples, seq_len=seq_len, mcs=mcs,
+                       prefix_ratio=prefix_ratio, seed=seed)
+    check_quantizable(folder, group_size)
+    with progress() as bar:
+        task = bar.add_task("quantizing", total=None)
+
+        def on_layer(i: int, n: int, what: str) -> None:
+            bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}: {what}")
+
+        result, record = quantize_checkpoint(folder, out_dir, qcfg, ccfg, device=device, force=force, on_layer=on_layer)
+        bar.update(task, description="done")
+    return result, record
+
+
+def summary_table(result, title: str) -> Table:
+    t = Table("linear", "shape", "planes", "bits/w", "weight err", "output err", title=title)
+    for r in result.layers:
+        t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.mean_planes:.2f}", f"{r.bits_per_weight:.3f}",
+                  f"{r.rel_weight_error:.4f}", "-" if r.rel_output_error is None else f"{r.rel_output_error:.4f}")
+    return t
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Hugging Face checkpoint folder (LLaDA or Dream) or tiny-llada / tiny-dream."),
+    out_dir: Path = typer.Argument(..., help="Output folder for the quantized checkpoint (must not exist unless --force)."),
+    method: str = typer.Option("quant-dllm", help=METHOD_HELP),
+    bits: float = typer.Option(2.0, help="Budget: mean binary planes per block for quant-dllm (e.g. 1.5, 2, 3); integer bits for rtn/gptq."),
+    group_size: int = typer.Option(128, help="Columns per block; every linear's n_in must divide by it."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text or JSONL file (default: bundled Shakespeare train text)."),
+    calib_samples: int = typer.Option(128, help="Number of calibration windows."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration window."),
+    mcs: bool = typer.Option(True, "--mcs/--no-mcs", help="Masked Calibration Simulation (off: plain unmasked text, the ablation)."),
+    prefix_ratio: float = typer.Option(0.25, help="MCS: fraction of each window kept visible."),
+    abmp: bool = typer.Option(True, "--abmp/--no-abmp", help="Quant-dLLM: adaptive blockwise mixed precision."),
+    abmp_ratio: float = typer.Option(0.05, help="ABMP: fraction of blocks promoted to K+1 / demoted to K-1 planes."),
+    data_aware: bool = typer.Option(True, "--data-aware/--no-data-aware", help="Quant-dLLM: data-aware (DOR) weighting."),
+    iters: int = typer.Option(15, help="Quant-dLLM: alternating re-scaling / re-rounding iterations."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    seed: int = typer.Option(0, help="Seed of calibration masks and quantizer."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Quantize every linear of the transformer blocks; embeddings and head stay in their source dtype."""
+    result, record = run_quantize(model, out_dir, method=method, bits=bits, group_size=group_size, calib=calib,
+                                  calib_samples=calib_samples, seq_len=seq_len, mcs=mcs, prefix_ratio=prefix_ratio,
+                                  abmp=abmp, abmp_ratio=abmp_ratio, data_aware=data_aware, iters=iters, device=device,
+                                  seed=seed, force=force)
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    if as_json:
+        print(json.dumps({"out_dir": str(out_dir), "method": method, "bits": bits,
+                          "bits_per_weight_linear": record["bits_per_weight_linear"], "size_bytes": size,
+                          "seconds": record["seconds"], "block_output_errors": record["block_output_errors"],
+                          "tensors": record["tensors"]}))
+        return
+    console.print(summary_table(result, f"{method} {bits:g} bits -> {out_dir}"))
+    console.print(f"quantized linears: {record['bits_per_weight_linear']:.3f} bits/weight, folder {size / 2**20:.2f} MiB, "
+                  f"{record['seconds']:.1f} s")
