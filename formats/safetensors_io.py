@@ -179,7 +179,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
                       bf16: set[str] | frozenset[str] = frozenset()) -> None:
     """Write ``tensors`` to ``path`` atomically (temp file, then rename).
 
-    Names in ``bf16`` are float32 arrays stored as bf16; every other array keeps its dtype.
+    Names in ``bf16`` are stored as bf16: float32 arrays are rounded, uint16 arrays are taken as bf16
+    bits already. Every other array keeps its dtype.
     """
     path = Path(path)
     header: dict[str, object] = {}
@@ -189,7 +190,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     off = 0
     for name, arr in tensors.items():
         if name in bf16:
-            data, dt = f32_to_bf16(arr), "BF16"
+            data, dt = (arr if arr.dtype == np.uint16 else f32_to_bf16(arr)), "BF16"
         else:
             data = np.ascontiguousarray(arr)
             if data.dtype not in _NP_TO_ST:

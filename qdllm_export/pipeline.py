@@ -62,8 +62,14 @@ def _load_block(src: HFTensors, i: int, device: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def _run_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([block(x[s : s + batch], cos, sin) for s in range(0, x.shape[0], batch)])
+def _run_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
+               keep: bool = True) -> torch.Tensor | None:
+    """``block`` over ``x [N, L, d]`` in batches; writes the outputs into ``x`` in place unless ``keep`` is False."""
+    for s in range(0, x.shape[0], batch):
+        y = block(x[s : s + batch], cos, sin)
+        if keep:
+            x[s : s + batch] = y
+    return x if keep else None
 
 
 def quantize_checkpoint(
@@ -105,9 +111,11 @@ def quantize_checkpoint(
             acc = {r: HessianAccumulator(m.in_features, device=device) for r, m in linears.items()}
             hooks = [m.register_forward_hook(lambda mod, inp, out, r=r: acc[r].add_batch(inp[0]))
                      for r, m in linears.items()]
-            y_ref = _run_block(block, x, cos, sin, batch)  # float block on the (quantized-so-far) inputs
+            _run_block(block, x, cos, sin, batch, keep=False)
             for h in hooks:
                 h.remove()
+            n_ref = min(batch, x.shape[0])  # block output error measured on the first windows
+            y_ref = _run_block(block, x[:n_ref].clone(), cos, sin, batch)
             Hs = {r: a.H for r, a in acc.items()}
             del acc
             planes: dict[str, np.ndarray | None] = {r: None for r in linears}
@@ -127,8 +135,8 @@ def quantize_checkpoint(
                 result.layers.append(LayerReport(name, qt.shape, qt.mean_planes(), qt.bits_per_weight(),
                                                  float(stats["rel_weight_err"]), stats.get("rel_output_err")))
             del Hs
-            x = _run_block(block, x, cos, sin, batch)
-            result.block_errors.append(float((x - y_ref).norm() / y_ref.norm()))
+            _run_block(block, x, cos, sin, batch)  # the quantized block feeds the next one
+            result.block_errors.append(float((x[:n_ref] - y_ref).norm() / y_ref.norm()))
             del y_ref
             floats = {hf[n]: src.get(n) for n in src.layer_names(i) if hf[n] not in quantized}
             writer.add_shard(floats, quantized, bf16)

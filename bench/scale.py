@@ -1,0 +1,139 @@
+"""Scale benchmark: quantize an LLaDA-8B-shaped checkpoint end to end, streaming one block at a time.
+
+    python bench/scale.py --shape llada-8b --device cuda --workdir /tmp/scale --out scale.json
+    python bench/scale.py --shape small --device cpu --workdir /tmp/scale-cpu --out scale-cpu.json
+
+Writes an official-layout checkpoint of random bf16 weights (config, names and shapes of LLaDA-8B,
+sharded), then runs ``quantize_checkpoint`` in a child process that reports wall time, peak GPU memory
+and peak host RSS. The child never holds the whole model: compare its RSS to the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from formats.families import LLADA, HParams  # noqa: E402
+from formats.safetensors_io import f32_to_bf16, write_safetensors  # noqa: E402
+
+SHAPES = {
+    "llada-8b": dict(n_vocab=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=12288),
+    "small": dict(n_vocab=32768, d_model=1024, n_layers=8, n_heads=16, n_kv_heads=16, d_ff=3072),
+}
+
+
+def write_random_checkpoint(folder: Path, hp: HParams, device: str, seed: int = 0) -> int:
+    """Random N(0, 0.02) bf16 weights (norms 1) in LLaDA's published layout, one shard per block."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device=device).manual_seed(seed)
+    expected = LLADA.expected(hp)
+    groups: dict[str, list[str]] = {}
+    for hf, (_, i, _) in expected.items():
+        groups.setdefault("rest" if i is None else f"{i:03d}", []).append(hf)
+    weight_map, total = {}, 0
+    names = sorted(groups)
+    for k, key in enumerate(names):
+        fname = f"model-{k + 1:05d}-of-{len(names):05d}.safetensors"
+        tensors = {}
+        for hf in groups[key]:
+            shape = expected[hf][2]
+            if len(shape) == 1:
+                t = torch.ones(shape, device=device)
+            else:
+                t = torch.randn(shape, generator=g, device=device) * 0.02
+            tensors[hf] = t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+            total += tensors[hf].nbytes
+        write_safetensors(folder / fname, tensors, {"format": "pt"}, bf16=set(tensors))
+        weight_map.update({hf: fname for hf in tensors})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg = LLADA.config_from_hparams(hp, eos_token_id=126081, pad_token_id=126081, bos_token_id=126080, torch_dtype="bfloat16")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok = ROOT / "qdllm_export" / "data" / "tiny-llada" / "tokenizer.json"
+    (folder / "tokenizer.json").write_bytes(tok.read_bytes())
+    return total
+
+
+CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from qdllm_export.calib import CalibConfig
+from qdllm_export.pipeline import quantize_checkpoint
+from qdllm_export.quant import QuantConfig
+src, dst, device, n, L = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+t0 = time.time()
+done = []
+res, rec = quantize_checkpoint(src, dst, QuantConfig(), CalibConfig(n_samples=n, seq_len=L), device=device, force=True,
+                               on_layer=lambda i, nb, w: (done.append(i), print(f"[{time.time()-t0:7.1f}s] block {i}/{nb} {w}", flush=True)) if w.endswith("attn_q.weight") or i == nb else None)
+out = {"seconds": time.time() - t0, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+       "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+       "bits_per_weight_linear": rec["bits_per_weight_linear"], "block_output_errors": rec["block_output_errors"]}
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = ", " + torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{cpu} x{os.cpu_count()}{gpu}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llada-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    hp = HParams(family="llada", rope_theta=500000.0, norm_eps=1e-5, mask_token_id=126336, context_length=4096,
+                 **SHAPES[a.shape])
+    ckpt = a.workdir / "ckpt"
+    t0 = time.time()
+    size = write_random_checkpoint(ckpt, hp, "cuda" if a.device.startswith("cuda") else "cpu")
+    t_write = time.time() - t0
+    print(f"wrote {size / 2**30:.2f} GiB checkpoint in {t_write:.0f} s", flush=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ckpt), str(a.workdir / "quantized"), a.device,
+                           str(a.samples), str(a.seq_len)], capture_output=False, text=True, stdout=subprocess.PIPE)
+    print(proc.stdout[-4000:])
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.exit(f"quantization failed with exit code {proc.returncode}")
+    res = json.loads(line[-1][7:])
+    n_params = sum(int(np.prod(s)) for _, _, s in LLADA.expected(hp).values())
+    res.update(shape=a.shape, device=a.device, machine=machine(), n_params=n_params, checkpoint_gb=size / 2**30,
+               calibration=f"{a.samples} x {a.seq_len} tokens", write_seconds=t_write)
+    a.out.write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "block_output_errors"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
