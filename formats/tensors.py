@@ -117,3 +117,26 @@ class HFTensors:
     def layer_names(self, i: int) -> Iterator[str]:
         prefix = f"blk.{i}."
         return (n for n in self.names() if n.startswith(prefix))
+
+
+class OverlaySource:
+    """``base``'s tensors, except the quantized linears, which come from ``planes``.
+
+    ``verify`` uses it when the reference is a float checkpoint and the file holds quantized planes:
+    the PyTorch reference then runs the file's stored planes (the stored values are the truth) with
+    every other tensor from the checkpoint.
+    """
+
+    def __init__(self, base: TensorSource, planes: TensorSource):
+        self.hparams = base.hparams
+        self.base, self.planes = base, planes
+        self.quantized = {n for n in planes.names() if is_linear(planes.hparams, n) and isinstance(planes.get(n), QuantizedTensor)}
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def get(self, name: str) -> Tensor:
+        return self.planes.get(name) if name in self.quantized else self.base.get(name)
+
+    def dtype(self) -> str:
+        return getattr(self.base, "dtype", lambda: "F32")()

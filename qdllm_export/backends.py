@@ -59,6 +59,9 @@ class TorchBackend:
         self.model = load_model(source, torch_dtype(dtype), device)
         self.tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
 
+    def checkpoint_tensors(self) -> TensorSource:
+        return self.source_tensors
+
     @torch.no_grad()
     def logits(self, ids: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)

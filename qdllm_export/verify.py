@@ -34,6 +34,7 @@ class GenCheck:
 class FileReport:
     path: str
     format: str
+    reference: str
     logits: list[LogitCheck] = field(default_factory=list)
     generation: list[GenCheck] = field(default_factory=list)
     passed: bool = False
@@ -71,6 +72,25 @@ def algorithms(family: str) -> list[tuple[str, dict[str, Any]]]:
     return [(f"dream/{a}", {"alg": a}) for a in DREAM_ALGS]
 
 
+def reference_for(ref: Backend, other: Backend) -> tuple[Backend, str]:
+    """The reference ``other`` is compared with, and how it was made.
+
+    A float checkpoint against a file of quantized planes: the PyTorch model of the checkpoint with the
+    file's planes (dequantized in PyTorch) in place of its linears, so the check is of the format and
+    its runtime, not of quantization error. Otherwise ``ref`` itself.
+    """
+    from formats.tensors import HFTensors, OverlaySource
+    from qdllm_export.backends import TorchBackend
+
+    planes = getattr(other, "checkpoint_tensors", None)
+    if not isinstance(ref, TorchBackend) or not isinstance(ref.source_tensors, HFTensors) or planes is None:
+        return ref, ref.source
+    overlay = OverlaySource(ref.source_tensors, planes())
+    if not overlay.quantized:
+        return ref, ref.source
+    return TorchBackend(overlay, ref.folder, device=ref.device), f"{ref.source} + quantized planes of {other.source}"
+
+
 def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_seq: int, seq_len: int, seed: int,
                  gen_length: int, rtol: float, min_agree: float, prompt: np.ndarray | None = None,
                  progress=None) -> list[FileReport]:
@@ -81,17 +101,21 @@ def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_
                              f"{b.hparams.n_layers} layers, vocab {b.hparams.n_vocab} cannot be compared with "
                              f"{ref.source} ({hp.family}, {hp.d_model}, {hp.n_layers}, {hp.n_vocab})")
     inputs = masked_inputs(ref, ratios, n_seq, seq_len, seed)
-    ref_logits = [ref.logits(x) for x in inputs]
     if prompt is None:
         prompt = masked_inputs(ref, [0.0], 1, 8, seed + 1)[0]
     block = gen_length // 2 if gen_length % 2 == 0 else gen_length
     opts_base = dict(gen_length=gen_length, steps=gen_length, block_length=block, temperature=0.0, seed=seed)
-    ref_gen = {name: sample(ref, prompt, {**opts_base, **o})[0] for name, o in algorithms(hp.family)}
+    cache: dict[str, tuple[list[np.ndarray], dict[str, np.ndarray]]] = {}
     if progress:
         progress(0, len(others))
     reports = []
     for k, b in enumerate(others):
-        rep = FileReport(b.source, type(b).__name__.replace("Backend", "").lower())
+        rb, ref_name = reference_for(ref, b)
+        if ref_name not in cache:
+            cache[ref_name] = ([rb.logits(x) for x in inputs],
+                               {name: sample(rb, prompt, {**opts_base, **o})[0] for name, o in algorithms(hp.family)})
+        ref_logits, ref_gen = cache[ref_name]
+        rep = FileReport(b.source, type(b).__name__.replace("Backend", "").lower(), reference=ref_name)
         for r, x, lr in zip(ratios, inputs, ref_logits):
             lb = b.logits(x)
             diff = np.abs(lb.astype(np.float64) - lr)
