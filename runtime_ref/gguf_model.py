@@ -1,0 +1,89 @@
+"""``GGUFBackend``: a GGUF file run by the NumPy reference forward (the Backend protocol)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from formats.gguf_read import GGUFModel, read_gguf
+from formats.tensors import canonical_names, canonical_shape
+from runtime_ref.forward import forward, forward_aligned
+
+
+class GGUFBackend:
+    """A ``.gguf`` file of a ``llada`` / ``dream`` model (quantized planes or float), memory-mapped."""
+
+    def __init__(self, path: str | Path):
+        self.model: GGUFModel = read_gguf(path)
+        self.hparams = self.model.hparams
+        self.tokenizer = self.model.tokenizer
+        self.source = str(path)
+        self.tensors = self.model.tensors  # TensorSource, file row order (rope = self.tensors.rope)
+
+    def checkpoint_tensors(self):
+        """The file's tensors in checkpoint row order (llama.cpp's Q/K permutation undone)."""
+        return self.model.checkpoint_tensors()
+
+    def logits(self, ids: np.ndarray, attn_mask: np.ndarray | None = None) -> np.ndarray:
+        """Aligned float32 logits ``[B, T, V]`` (Dream's shift applied)."""
+        return forward_aligned(self.tensors, np.asarray(ids), attn_mask=attn_mask)
+
+    def raw_logits(self, ids: np.ndarray, attn_mask: np.ndarray | None = None) -> np.ndarray:
+        """Unshifted logits, as llama.cpp returns them."""
+        return forward(self.tensors, np.asarray(ids), attn_mask=attn_mask)
+
+    def describe(self) -> dict[str, Any]:
+        m, hp = self.model, self.hparams
+        infos = m.infos
+        n_params = sum(int(np.prod(canonical_shape(hp, n))) for n in canonical_names(hp))
+        types: dict[str, str] = {}
+        rows: list[dict[str, Any]] = []
+        q_bytes = q_weights = 0
+        plane_counts: list[np.ndarray] = []
+        for name, kind in m.layout.items():
+            shape = canonical_shape(hp, name)
+            n = int(np.prod(shape))
+            if kind == "float":
+                types[name] = infos[name].ggml_type
+                nbytes = infos[name].nbytes
+            else:
+                nbytes = sum(t.nbytes for t in infos.values() if t.name.startswith(name + ".qdllm."))
+                planes = np.asarray(m.raw(name + ".qdllm.nplanes"), dtype=np.int64)
+                plane_counts.append(planes)
+                mu = " +mu" if name + ".qdllm.mu" in infos else ""
+                types[name] = f"Q1_0 planes (K_j {planes.min()}..{planes.max()}, mean {planes.mean():.3f}){mu}"
+                q_bytes += nbytes
+                q_weights += n
+            rows.append({"name": name, "shape": list(shape), "type": types[name], "bits_per_weight": 8.0 * nbytes / n})
+        size = Path(self.source).stat().st_size
+        data_bytes = sum(t.nbytes for t in infos.values())
+        all_planes = np.concatenate(plane_counts) if plane_counts else np.zeros(0)
+        bpw_q = 8.0 * q_bytes / q_weights if q_weights else None
+        return {
+            "format": "gguf",
+            "path": self.source,
+            "family": hp.family,
+            "architecture": hp.family,
+            "hparams": hp.to_dict(),
+            "qk_permuted": m.permuted,
+            "rope": self.tensors.rope,
+            "outtype": m.qdllm_meta.get("outtype", "llama.cpp"),
+            "group_size": m.qdllm_meta.get("group_size"),
+            "qdllm": dict(m.qdllm_meta),
+            "n_params": n_params,
+            "n_tensors_file": len(infos),
+            "tensor_types": types,
+            "tensors": rows,
+            "n_quantized_linears": len(plane_counts),
+            "mean_planes": float(all_planes.mean()) if all_planes.size else None,
+            "bits_per_weight_quantized": bpw_q,
+            "bits_per_weight_linear": bpw_q,
+            "bits_per_weight_file": 8.0 * size / n_params,
+            "bits_per_weight": 8.0 * size / n_params,
+            "bits_per_weight_tensors": 8.0 * data_bytes / n_params,
+            "file_size": size,
+            "size_bytes": size,
+            "vocab": None if self.tokenizer is None else self.tokenizer.get_vocab_size(),
+        }
