@@ -61,10 +61,10 @@ def _meta(src: TensorSource) -> dict[str, Any]:
 
 
 def closing_table(info: dict[str, Any], seconds: float) -> Table:
-    t = Table("file", "tensors", "params", "bits/w quantized linears", "bits/w whole file", "size", "time",
-              title="written")
+    t = Table("tensors", "params", "bits/w quantized linears", "bits/w whole file", "size", "time",
+              title=f"wrote {info['path']}")
     q = info.get("bits_per_weight_linear")
-    t.add_row(info["path"], str(info.get("n_tensors_file", len(info.get("tensors", [])))), f"{info['n_params']:,}",
+    t.add_row(str(info.get("n_tensors_file", len(info.get("tensors", [])))), f"{info['n_params']:,}",
               "-" if q is None else f"{q:.3f}", f"{info['bits_per_weight']:.3f}", f"{info['size_bytes'] / 2**20:.2f} MiB",
               f"{seconds:.1f} s")
     return t
