@@ -207,7 +207,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for b in blobs:
-            f.write(b.tobytes())
+            f.write(memoryview(b))
     os.replace(tmp, path)
 
 

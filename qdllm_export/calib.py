@@ -17,6 +17,7 @@ import numpy as np
 
 from formats.errors import QdllmError
 from formats.families import HParams
+from qdllm_export.textfile import read_text
 
 DEFAULT_CALIB = Path(__file__).parent / "data" / "shakespeare" / "train.txt"
 
@@ -52,8 +53,6 @@ def calibration_windows(tokenizer, hp: HParams, cfg: CalibConfig) -> np.ndarray:
     Windows start at evenly spaced offsets; when the text holds fewer than ``n_samples`` windows they
     overlap. Text shorter than one window is an error naming the file.
     """
-    from qdllm_export.cli.evaluate import read_text
-
     path = Path(cfg.path) if cfg.path else DEFAULT_CALIB
     if tokenizer is None:
         raise QdllmError(f"calibration needs the model's tokenizer.json to encode {path}")

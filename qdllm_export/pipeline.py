@@ -61,6 +61,11 @@ def _load_block(src: HFTensors, i: int, device: str) -> torch.nn.Module:
     return block.eval()
 
 
+def _stored(src: HFTensors, name: str, bf16: bool) -> np.ndarray:
+    """A float tensor to copy unchanged: bf16 bits as stored (memory-mapped, no float copy), else float32."""
+    return src.ckpt.raw(src.hf_name(name)) if bf16 and src.ckpt.dtype(src.hf_name(name)) == "BF16" else src.get(name)
+
+
 @torch.no_grad()
 def _run_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
                keep: bool = True) -> torch.Tensor | None:
@@ -138,14 +143,14 @@ def quantize_checkpoint(
             _run_block(block, x, cos, sin, batch)  # the quantized block feeds the next one
             result.block_errors.append(float((x[:n_ref] - y_ref).norm() / y_ref.norm()))
             del y_ref
-            floats = {hf[n]: src.get(n) for n in src.layer_names(i) if hf[n] not in quantized}
+            floats = {hf[n]: _stored(src, n, bf16) for n in src.layer_names(i) if hf[n] not in quantized}
             writer.add_shard(floats, quantized, bf16)
             del block, linears, quantized
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         if on_layer:
             on_layer(hp.n_layers, hp.n_layers, "embeddings and head")
-        writer.add_shard({hf[n]: src.get(n) for n in ("token_embd.weight", "output_norm.weight", "output.weight")}, {}, bf16)
+        writer.add_shard({hf[n]: _stored(src, n, bf16) for n in ("token_embd.weight", "output_norm.weight", "output.weight")}, {}, bf16)
         result.seconds = time.time() - t0
         record = {
             "method": qcfg.method,

@@ -11,30 +11,9 @@ import typer
 
 from formats.errors import QdllmError
 from qdllm_export.cli.app import app, console, progress
+from qdllm_export.textfile import read_text
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "val.txt"
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file, or the ``text`` fields of a JSONL file; empty input is an error."""
-    if not path.is_file():
-        raise QdllmError(f"{path}: not found")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise QdllmError(f"{path}: not UTF-8 text") from None
-    if path.suffix == ".jsonl":
-        parts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    parts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise QdllmError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
-        raw = "\n\n".join(parts)
-    if not raw.strip():
-        raise QdllmError(f"{path}: is empty; give a text file with at least one window of tokens")
-    return raw
 
 
 def text_token_windows(tokenizer, path: Path, seq_len: int, max_windows: int | None) -> np.ndarray:
