@@ -1,7 +1,7 @@
 """llama.cpp (through llama-cpp-python's low-level API) runs our float GGUF files like our NumPy forward.
 
 Models: tiny random LLaDA and Dream checkpoints, a random *quantized* model exported dequantized, the
-bundled models (``qdllm_export/data/models/*``) when present, and any folders listed in the
+bundled models ``tiny-llada`` and ``tiny-dream`` (compared with the PyTorch model as well), and any folders listed in the
 environment variable ``QDLLM_LLAMACPP_MODELS`` (``os.pathsep``-separated HF checkpoint folders).
 Dream's rows are compared raw (row p scores token p+1) in both engines.
 """
@@ -76,7 +76,7 @@ def _cases() -> list:
     params = [pytest.param(f"random:{f}", o, id=f"random-{f}-{o}") for f in ("llada", "dream") for o in ("f32", "f16")]
     params += [pytest.param(f"quantized:{f}", "f32", id=f"quantized-{f}-f32") for f in ("llada", "dream")]
     params += [pytest.param("gqa:llada", "f32", id="random-llada-gqa-f32")]  # K permuted with n_kv_heads
-    found = sorted(p.parent for p in (REPO / "qdllm_export" / "data" / "models").glob("*/config.json"))
+    found = sorted(p.parent for p in (REPO / "qdllm_export" / "data").glob("tiny-*/config.json"))
     extra = [Path(p) for p in os.environ.get("QDLLM_LLAMACPP_MODELS", "").split(os.pathsep) if p]
     params += [pytest.param(str(p), "f32", id=p.name) for p in found + extra]
     return params
@@ -109,6 +109,16 @@ def test_llama_cpp_matches_numpy_forward(tmp_path, model, outtype):
     agree, err = compare(theirs, ours)
     print(f"{model} {outtype}: argmax agreement {agree:.4f}, max|diff|/max|logit| {err:.2e}")
     assert agree >= 0.99 and err <= 1e-3
+    if kind not in ("random", "gqa", "quantized"):  # a real checkpoint: also against the PyTorch model
+        import torch
+
+        from qdllm_export.models import load_model
+
+        with torch.no_grad():
+            ref = load_model(src)(torch.from_numpy(ids[None]))[0].numpy()
+        agree, err = compare(theirs, ref)
+        print(f"{model} {outtype} vs PyTorch: argmax agreement {agree:.4f}, max|diff|/max|logit| {err:.2e}")
+        assert agree >= 0.99 and err <= 1e-3
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
