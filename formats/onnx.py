@@ -1,0 +1,298 @@
+"""ONNX export and import of LLaDA / Dream models (DESIGN section 5; layout in ``docs/onnx-format.md``).
+
+``write_onnx(path, source, ...)`` writes one graph per model: ``input_ids [batch, seq] int64``, an
+optional ``attention_mask [batch, seq] int64`` (key padding; 1 = attend) and optional
+``position_ids [batch, seq] int64`` (default 0..seq-1) -> RAW ``logits
+[batch, seq, vocab] float32`` (Dream's row i predicts token i+1: ``qdllm.shift_logits`` says so),
+bidirectional, no KV cache. Each ``QuantizedTensor`` linear is one ``qdllm.PlaneMatMul`` node
+(``kernel="function"``: standard ops only, weights kept as 1 sign bit each) or
+``qdllm.PlaneMatMulNBits`` node (``kernel="matmulnbits"``: onnxruntime's ``MatMulNBits``, 2 bits per
+sign); both are model-local functions, so a stock ``onnxruntime.InferenceSession`` runs the file.
+
+The dequantization inside ``PlaneMatMul`` depends on its input, so no session constant-folds the
+packed weights into float; ``runtime_ref.ort`` also disables folding for quantized files.
+
+``read_onnx_info(path)`` validates a file and says what it holds; ``OnnxTensors(path)`` reads the
+stored tensors back (a ``TensorSource``: float arrays in checkpoint layout, ``QuantizedTensor``\\ s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto as TP
+from onnx import helper
+
+from formats.errors import QdllmError
+from formats.onnx_graph import (DOMAIN, DOMAIN_VERSION, F_NBITS, F_NBITS_MU, F_PLANE, F_PLANE_MU, IR_VERSION,
+                                MS_DOMAIN, OPSET, Builder, build_forward, io_values, make_function)
+from formats.onnx_proto import TensorStore
+from formats.onnx_read import (FORMAT, FORMAT_VERSION, KERNELS, OUTTYPES, OnnxInfo, OnnxTensors,  # noqa: F401 (API)
+                               encode_codes, read_onnx_info)
+from formats.qtensor import QuantizedTensor
+from formats.tensors import TensorSource, canonical_names, canonical_shape, is_linear
+
+EMBED_TYPES = ("f32", "f16")
+INLINE_LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole file; above this: external data
+_NP = {"f32": np.float32, "f16": np.float16}
+
+__all__ = ["write_onnx", "read_onnx_info", "OnnxInfo", "OnnxTensors", "OUTTYPES", "KERNELS", "EMBED_TYPES", "FORMAT_VERSION"]
+
+
+def _json(value: Any, what: str, where: Path) -> str:
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise QdllmError(f"{where}: {what} is not JSON-serialisable ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+class _Export:
+    def __init__(self, path: Path, source: TensorSource, store: TensorStore, outtype: str, kernel: str,
+                 embed_type: str, accuracy_level: int):
+        self.path, self.source, self.store = path, source, store
+        self.outtype, self.kernel, self.embed_type, self.acc = outtype, kernel, embed_type, accuracy_level
+        self.hp = source.hparams
+        self.table: dict[str, dict[str, Any]] = {}
+        self.functions: set[str] = set()
+        self.group_sizes: set[int] = set()
+
+    def fetch(self, name: str) -> np.ndarray | QuantizedTensor:
+        try:
+            value = self.source.get(name)
+        except KeyError:
+            raise QdllmError(f"{self.path}: the model has no tensor {name!r}; a {self.hp.family} model needs it") from None
+        want = canonical_shape(self.hp, name)
+        got = value.shape if isinstance(value, QuantizedTensor) else np.shape(value)
+        if tuple(got) != tuple(want):
+            raise QdllmError(f"{self.path}: tensor {name} has shape {tuple(got)}, but the hparams imply {want}")
+        if isinstance(value, QuantizedTensor) and not is_linear(self.hp, name):
+            raise QdllmError(f"{self.path}: tensor {name} is quantized, but only block linears may be")
+        return value
+
+    def floats(self, name: str, arr: Any, dtype: str, transposed: bool) -> str:
+        arr = np.asarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise QdllmError(f"{self.path}: tensor {name} holds NaN or inf")
+        out = arr.T if transposed else arr
+        out = out.astype(_NP[dtype])
+        if not np.isfinite(out).all():
+            raise QdllmError(f"{self.path}: tensor {name} overflows float16 (|w| > 65504); export with embed/outtype f32")
+        self.store.add(name, out)
+        self.table[name] = {"kind": "float", "shape": list(arr.shape), "dtype": dtype, "transposed": transposed,
+                            "inits": {"weight": name}}
+        return name
+
+    def vector(self, name: str) -> str:
+        return self.floats(name, self.fetch(name), "f32", False)
+
+    def embed(self, b: Builder, ids: str) -> str:
+        name = "token_embd.weight"
+        w = self.floats(name, self.fetch(name), self.embed_type, False)
+        x = b.op("Gather", [w, ids], axis=0)
+        return b.op("Cast", [x], to=TP.FLOAT) if self.embed_type == "f16" else x
+
+    def linear(self, b: Builder, x: str, name: str) -> str:
+        value = self.fetch(name)
+        if isinstance(value, QuantizedTensor) and self.outtype == "quantized":
+            return self.quantized(b, x, name, value)
+        if isinstance(value, QuantizedTensor):
+            value = value.dequantize()
+        dtype = self.embed_type if name == "output.weight" else ("f32" if self.outtype == "f32" else "f16")
+        w = self.floats(name, value, dtype, True)  # stored [n_in, n_out]: MatMul's B as is
+        if dtype == "f16":
+            w = b.op("Cast", [w], to=TP.FLOAT)
+        return b.op("MatMul", [x, w])
+
+    def quantized(self, b: Builder, x: str, name: str, q: QuantizedTensor) -> str:
+        q.validate()
+        if q.n_planes == 0:
+            raise QdllmError(f"{self.path}: quantized tensor {name} has no planes at all; store it as a float tensor")
+        self.group_sizes.add(q.group_size)
+        n_out, n_in = q.shape
+        g = q.group_size
+        inits = {"planes": q.planes}
+        if self.kernel == "function":
+            inits.update(signs=q.signs, row_scale=q.row_scale, col_scale=q.col_scale)
+            fname, attrs = F_PLANE, {}
+        else:
+            if g < 16 or g & (g - 1):
+                raise QdllmError(f"{self.path}: tensor {name} has group size {g}; MatMulNBits needs a power of two >= 16 "
+                                 "(use kernel='function')")
+            inits.update(codes=encode_codes(q), scales=np.ascontiguousarray(q.row_scale.T).reshape(-1),
+                         col_scale=q.col_scale)
+            fname = F_NBITS
+            attrs = {"K": q.n_planes * g, "N": n_out, "block_size": g, "accuracy_level": self.acc}
+        if q.mu is not None:
+            inits["mu"] = q.mu
+            fname = F_PLANE_MU if fname == F_PLANE else F_NBITS_MU
+        names = {}
+        for field_, arr in inits.items():
+            names[field_] = f"{name}.{field_}"
+            self.store.add(names[field_], arr)
+        self.functions.add(fname)
+        self.table[name] = {"kind": "quantized", "shape": [n_out, n_in], "group_size": g, "n_planes": q.n_planes,
+                            "mu": q.mu is not None, "inits": names,
+                            "method": q.meta.get("method") if isinstance(q.meta.get("method"), str) else None}
+        order = ["planes", "codes" if self.kernel == "matmulnbits" else "signs",
+                 "scales" if self.kernel == "matmulnbits" else "row_scale", "col_scale"] + (["mu"] if q.mu is not None else [])
+        return b.op(fname, [x] + [names[f] for f in order], domain=DOMAIN, **attrs)
+
+
+def _special_ids(source: TensorSource, special_ids: dict[str, int] | None) -> dict[str, int]:
+    cfg = getattr(source, "config", None) or {}
+    out: dict[str, int] = {}
+    for key in ("bos", "eos", "pad"):
+        for d in (special_ids or {}, cfg):
+            v = d.get(key, d.get(f"{key}_token_id"))
+            if isinstance(v, list):
+                v = v[0] if v else None
+            if v is not None:
+                out[key] = int(v)
+                break
+    out["mask"] = int((special_ids or {}).get("mask", source.hparams.mask_token_id))
+    return out
+
+
+def _tokenizer_json(tokenizer: Any, source: TensorSource, where: Path) -> str | None:
+    if tokenizer is None:
+        folder = getattr(source, "folder", None)
+        if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+            tokenizer = Path(folder) / "tokenizer.json"
+        else:
+            return None
+    if isinstance(tokenizer, (str, Path)):
+        try:
+            return Path(tokenizer).read_text(encoding="utf-8")
+        except OSError as e:
+            raise QdllmError(f"{where}: cannot read tokenizer {tokenizer} ({e.strerror})") from None
+    if hasattr(tokenizer, "to_str"):
+        return tokenizer.to_str()
+    raise QdllmError(f"{where}: tokenizer must be a tokenizers.Tokenizer or the path of a tokenizer.json")
+
+
+def write_onnx(
+    path: str | Path,
+    source: TensorSource,
+    *,
+    outtype: str = "quantized",
+    kernel: str = "function",
+    qdllm_meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    embed_type: str | None = None,
+    accuracy_level: int = 0,
+    tokenizer: Any = None,
+    special_ids: dict[str, int] | None = None,
+    external_data: bool | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write ``source`` (canonical names, checkpoint row order) as one ONNX model at ``path``.
+
+    ``outtype``: "quantized" (each ``QuantizedTensor`` linear as a ``qdllm`` node, other linears
+    f16), "f32" or "f16" (every linear as a float ``MatMul``, quantized ones dequantized; f16
+    weights are cast to f32 in the graph). ``kernel``: "function" (standard ops, 1 bit per sign) or
+    "matmulnbits" (``com.microsoft.MatMulNBits``, 2 bits per sign, ``accuracy_level`` 0 = exact
+    fp32, 4 = int8 activations, faster, ~1% error). ``embed_type`` ("f32" | "f16"): ``token_embd`` and
+    ``output`` (default f32 for outtype f32, else f16). ``tokenizer``: a ``tokenizers.Tokenizer`` or a
+    tokenizer.json path, stored in the metadata (default: the source folder's tokenizer.json).
+    ``external_data``: None = only when the model would pass ~1.8 GB (``<path>.data``).
+    The file is written under a temporary name and renamed at the end.
+    """
+    path = Path(path)
+    if outtype not in OUTTYPES:
+        raise QdllmError(f"{path}: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if kernel not in KERNELS:
+        raise QdllmError(f"{path}: kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    embed_type = embed_type or ("f32" if outtype == "f32" else "f16")
+    if embed_type not in EMBED_TYPES:
+        raise QdllmError(f"{path}: embed_type {embed_type!r} is not one of {', '.join(EMBED_TYPES)}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QdllmError(f"{path}: accuracy_level {accuracy_level} is not one of 0-4")
+    if path.exists() and not overwrite:
+        raise QdllmError(f"{path}: already exists; pass overwrite=True (--overwrite) or choose another name")
+    if not path.parent.is_dir():
+        raise QdllmError(f"{path}: folder {path.parent} does not exist")
+    hp = source.hparams
+    data_name = path.name + ".data"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_data = path.with_name(f".{data_name}.{os.getpid()}.tmp")
+    store = TensorStore(tmp_data, data_name)
+    try:
+        ex = _Export(path, source, store, outtype, kernel, embed_type, accuracy_level)
+        b = Builder()
+        build_forward(b, hp, ex.linear, ex.vector, ex.embed)
+        missing = [n for n in canonical_names(hp) if n not in ex.table]
+        if missing:  # e.g. a bias the family lacks in the graph; never expected
+            raise QdllmError(f"{path}: internal error, tensors not exported: {missing}")
+        if outtype == "quantized" and not ex.functions:
+            raise QdllmError(f"{path}: outtype 'quantized' but the source holds no quantized tensor; "
+                             "quantize the model first or export with outtype f16/f32")
+        if len(ex.group_sizes) > 1:
+            raise QdllmError(f"{path}: tensors use group sizes {sorted(ex.group_sizes)}; one file holds one group size")
+        tok = _tokenizer_json(tokenizer, source, path)
+        ids = _special_ids(source, special_ids)
+        for key, val in ids.items():
+            if not 0 <= val < hp.n_vocab:
+                raise QdllmError(f"{path}: {key} token id {val} is outside the vocabulary of {hp.n_vocab}")
+        inline = (store.nbytes + len(tok or "") < INLINE_LIMIT) if external_data is None else not external_data
+        if inline and store.nbytes + len(tok or "") >= INLINE_LIMIT:
+            raise QdllmError(f"{path}: {store.nbytes / 1e9:.2f} GB of weights do not fit one protobuf (2 GiB); "
+                             "use external_data=True")
+        store.finish(inline)
+        inputs, outputs, defaults = io_values(hp)
+        graph = helper.make_graph(b.nodes, f"qdllm_{hp.family}", inputs, outputs,
+                                  initializer=defaults + b.small + store.protos)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+        if kernel == "matmulnbits" and ex.functions:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        fns = [make_function(f) for f in sorted(ex.functions)]
+        model = helper.make_model(graph, opset_imports=opsets, functions=fns, ir_version=IR_VERSION,
+                                  producer_name="qdllm-export", producer_version=_version(),
+                                  doc_string=f"{name or hp.family} diffusion LM exported by qdllm-export; raw logits "
+                                             f"(shift_logits={str(hp.spec.shift_logits).lower()}); see docs/onnx-format.md")
+        meta = {
+            "qdllm.format": FORMAT, "qdllm.format_version": str(FORMAT_VERSION), "qdllm.family": hp.family,
+            "qdllm.hparams": _json(hp.to_dict(), "hparams", path),
+            "qdllm.shift_logits": str(hp.spec.shift_logits).lower(), "qdllm.mask_token_id": str(hp.mask_token_id),
+            "qdllm.special_ids": _json(ids, "special ids", path), "qdllm.outtype": outtype,
+            "qdllm.kernel": kernel if ex.functions else "none", "qdllm.embed_type": embed_type,
+            "qdllm.tensors": _json(ex.table, "tensor table", path), "qdllm.meta": _json(dict(qdllm_meta or {}), "qdllm_meta", path),
+            "qdllm.name": name or f"{hp.family}-qdllm",
+        }
+        if ex.group_sizes:
+            meta["qdllm.group_size"] = str(ex.group_sizes.pop())
+        if kernel == "matmulnbits" and ex.functions:
+            meta["qdllm.accuracy_level"] = str(accuracy_level)
+        cfg = getattr(source, "config", None)
+        if isinstance(cfg, dict):
+            meta["qdllm.config.json"] = _json(cfg, "config", path)
+        if tok is not None:
+            meta["qdllm.tokenizer.json"] = tok
+        helper.set_model_props(model, meta)
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        if not inline:
+            os.replace(tmp_data, path.with_name(data_name))
+        elif overwrite:
+            path.with_name(data_name).unlink(missing_ok=True)  # a stale data file of an older export
+        os.replace(tmp, path)
+    except BaseException:
+        store.abort()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qdllm-export")
+    except Exception:
+        return "0"

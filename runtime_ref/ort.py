@@ -1,0 +1,163 @@
+"""``OrtBackend``: a qdllm ONNX file run by stock onnxruntime (the Backend protocol).
+
+The packed weights must stay packed: onnxruntime inlines the ``qdllm`` functions, and its
+ConstantFolding pass would precompute every dequantized weight in float32 at load time (16-32x the
+packed size) if that dequantization were constant. The function makes it depend on its input (see
+``docs/onnx-format.md``), so even a default session keeps the planes; for quantized files
+``session_options(keep_packed=True)`` also disables that pass (other fusions stay on), or with
+``fold="cap"`` caps the size of any folded tensor (session entry
+``optimization.constant_folding_max_output_size_in_bytes``, onnxruntime >= 1.27).
+``tests/test_onnx_memory.py`` checks all three on a model whose float weights are 13x its file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from formats.errors import QdllmError
+from formats.onnx import OnnxInfo, read_onnx_info
+from runtime_ref.backend import shift_right
+
+FOLD_CAP_BYTES = 65536  # fold="cap": constants up to this size are folded (plane lists, scale casts)
+
+
+def session_options(threads: int | None = None, keep_packed: bool = True, fold: str = "disable",
+                    log_level: int = 3) -> tuple[Any, list[str]]:
+    """``(SessionOptions, disabled_optimizers)`` for ``onnxruntime.InferenceSession``.
+
+    ``keep_packed``: never fold packed weights into float (``fold`` = "disable": no ConstantFolding
+    pass; "cap": fold only outputs up to ``FOLD_CAP_BYTES``). ``threads``: intra-op threads (None:
+    onnxruntime's default, all cores). ``log_level`` 3 hides the warning about the optional
+    ``attention_mask`` input being an overridable initializer.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = log_level
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    disabled: list[str] = []
+    if keep_packed:
+        if fold == "disable":
+            disabled = ["ConstantFolding"]
+        elif fold == "cap":
+            so.add_session_config_entry("optimization.constant_folding_max_output_size_in_bytes", str(FOLD_CAP_BYTES))
+        else:
+            raise QdllmError(f"fold must be 'disable' or 'cap', not {fold!r}")
+    return so, disabled
+
+
+def _tokenizer(text: str | None, where: str) -> Any:
+    if text is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise QdllmError(f"{where}: the stored tokenizer.json does not load ({e})") from None
+
+
+class OrtBackend:
+    """A ``.onnx`` file written by ``formats.onnx.write_onnx``, in an onnxruntime CPU session."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, *, keep_packed: bool | None = None,
+                 fold: str = "disable", providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.info: OnnxInfo = read_onnx_info(path)
+        self.hparams = self.info.hparams
+        self.source = str(path)
+        self.tokenizer = _tokenizer(self.info.tokenizer_json, self.source)
+        self.keep_packed = self.info.outtype == "quantized" if keep_packed is None else keep_packed
+        so, disabled = session_options(threads, self.keep_packed, fold)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
+                                                disabled_optimizers=disabled)
+        except Exception as e:  # onnxruntime's Fail / InvalidGraph / RuntimeException
+            raise QdllmError(f"{path}: onnxruntime cannot load the model ({str(e).strip()[:500]})") from None
+
+    def _feed(self, ids: np.ndarray, attn_mask: np.ndarray | None, positions: np.ndarray | None) -> dict[str, np.ndarray]:
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise QdllmError(f"token ids must be a non-empty int array [batch, seq], got {ids.dtype} {ids.shape}")
+        n = self.hparams.n_vocab
+        if ids.min() < 0 or ids.max() >= n:
+            raise QdllmError(f"token ids must lie in [0, {n}), got {ids.min()}..{ids.max()}")
+        feed = {"input_ids": ids.astype(np.int64, copy=False)}
+        if attn_mask is not None:
+            m = np.asarray(attn_mask)
+            if m.shape != ids.shape:
+                raise QdllmError(f"attn_mask has shape {m.shape}, expected {ids.shape}")
+            feed["attention_mask"] = m.astype(np.int64)
+        if positions is not None:
+            pos = np.broadcast_to(np.asarray(positions, dtype=np.int64), ids.shape)
+            feed["position_ids"] = np.ascontiguousarray(pos)
+        return feed
+
+    def raw_logits(self, ids: np.ndarray, attn_mask: np.ndarray | None = None,
+                   positions: np.ndarray | None = None) -> np.ndarray:
+        """The graph's output: unshifted float32 logits ``[B, T, V]`` (Dream: row i predicts token i+1).
+
+        ``attn_mask`` ``[B, T]``: 1 = real token, 0 = padding (masked as a key). ``positions``
+        ``[B, T]`` or ``[T]``: RoPE positions (default ``0..T-1``; Dream's generator uses
+        ``cumsum(mask) - 1`` for left-padded batches)."""
+        return self.session.run(["logits"], self._feed(ids, attn_mask, positions))[0]
+
+    def logits(self, ids: np.ndarray, attn_mask: np.ndarray | None = None, positions: np.ndarray | None = None) -> np.ndarray:
+        """Aligned float32 logits ``[B, T, V]``: row ``i`` scores token ``i`` (Dream's shift applied)."""
+        out = self.raw_logits(ids, attn_mask, positions)
+        return shift_right(out) if self.info.shift_logits else out
+
+    def describe(self) -> dict[str, Any]:
+        info, hp = self.info, self.hparams
+        types: dict[str, str] = {}
+        planes = []
+        for name, e in info.tensors.items():
+            if e["kind"] == "float":
+                types[name] = e["dtype"].upper()
+            else:
+                k = info.planes(name)
+                planes.append(k)
+                kern = "MatMulNBits 2-bit" if info.kernel == "matmulnbits" else "PlaneMatMul 1-bit signs"
+                types[name] = f"{kern} planes (K_j {k.min()}..{k.max()}, mean {k.mean():.3f}){' +mu' if e.get('mu') else ''}"
+        all_planes = np.concatenate(planes) if planes else np.zeros(0)
+        return {
+            "format": "onnx",
+            "path": self.source,
+            "family": hp.family,
+            "architecture": hp.family,
+            "hparams": hp.to_dict(),
+            "format_version": info.format_version,
+            "outtype": info.outtype,
+            "kernel": info.kernel,
+            "accuracy_level": info.accuracy_level,
+            "embed_type": info.embed_type,
+            "shift_logits": info.shift_logits,
+            "qdllm": dict(info.meta),
+            "n_params": info.n_params,
+            "tensor_types": types,
+            "n_quantized_linears": len(planes),
+            "mean_planes": float(all_planes.mean()) if all_planes.size else None,
+            "group_size": info.group_size,
+            "bits_per_weight_quantized": info.bits_per_weight,
+            "bits_per_weight_quantized_file": info.file_bits_per_weight,
+            "bits_per_weight_file": 8.0 * info.file_size / info.n_params,
+            "file_size": info.file_size,
+            "external_data": info.external_files,
+            "keep_packed": self.keep_packed,
+            "onnxruntime": _ort_version(),
+            "vocab": None if self.tokenizer is None else self.tokenizer.get_vocab_size(),
+        }
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
