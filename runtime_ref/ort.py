@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from formats.tensors import canonical_shape
+
 from formats.errors import QdllmError
 from formats.onnx import OnnxInfo, read_onnx_info
 from runtime_ref.backend import shift_right
@@ -149,7 +151,12 @@ class OrtBackend:
             "bits_per_weight_quantized": info.bits_per_weight,
             "bits_per_weight_quantized_file": info.file_bits_per_weight,
             "bits_per_weight_file": 8.0 * info.file_size / info.n_params,
+            "bits_per_weight": 8.0 * info.file_size / info.n_params,
+            "bits_per_weight_linear": info.file_bits_per_weight,
+            "tensors": [{"name": n, "shape": list(canonical_shape(hp, n)), "type": t,
+                         "bits_per_weight": None} for n, t in types.items()],
             "file_size": info.file_size,
+            "size_bytes": info.file_size,
             "external_data": info.external_files,
             "keep_packed": self.keep_packed,
             "onnxruntime": _ort_version(),

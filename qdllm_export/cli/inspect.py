@@ -29,7 +29,9 @@ def inspect_(
     if tensors and info.get("tensors"):
         t = Table("tensor", "shape", "type", "bits/weight")
         for row in info["tensors"]:
-            t.add_row(row["name"], "x".join(str(s) for s in row["shape"]), str(row["type"]), f"{row['bits_per_weight']:.3f}")
+            bpw = row.get("bits_per_weight")
+            t.add_row(row["name"], "x".join(str(s) for s in row["shape"]), str(row["type"]),
+                      "-" if bpw is None or bpw != bpw else f"{bpw:.3f}")
         console.print(t)
     summary = Table("parameters", "bits/weight (all)", "bits/weight (quantized linears)", "size")
     q = info.get("bits_per_weight_linear")
