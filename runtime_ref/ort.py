@@ -112,6 +112,12 @@ class OrtBackend:
         ``cumsum(mask) - 1`` for left-padded batches)."""
         return self.session.run(["logits"], self._feed(ids, attn_mask, positions))[0]
 
+    def checkpoint_tensors(self):
+        """The file's tensors as stored (a TensorSource; quantized linears bit for bit)."""
+        from formats.onnx_read import OnnxTensors
+
+        return OnnxTensors(self.source)
+
     def logits(self, ids: np.ndarray, attn_mask: np.ndarray | None = None, positions: np.ndarray | None = None) -> np.ndarray:
         """Aligned float32 logits ``[B, T, V]``: row ``i`` scores token ``i`` (Dream's shift applied)."""
         out = self.raw_logits(ids, attn_mask, positions)
