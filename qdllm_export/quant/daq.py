@@ -1,0 +1,274 @@
+"""Quant-dLLM's DAQ (data-aware any-order quantizer) with GPTQ-style block error compensation.
+
+Per ``G``-column block ``B`` (``K`` planes; ``K`` from ABMP):
+
+    W_hat_B = sum_k (ar_k ac_k^T) * S_k,   S_k in {-1,+1}^{n_out x G}, ar_k [n_out], ac_k [G]
+
+1. greedy residual init (ARB-RC): on the residual R (from W_B), ``ar = mean_j |R_ij|``,
+   ``ac = mean_i |R_ij / ar_i|``, ``S = sign(R)``, ``R -= ar ac^T * S``;
+2. ``iters`` times: for each plane k, on the target ``T = W_B - sum_{l != k} plane_l``, the exact
+   weighted least-squares row update then column update (RSR, weights ``A = Lambda^2``), then a
+   JOINT re-rounding of all signs (per element the best of the ``2^K`` sign combinations);
+3. balance ``ar``/``ac`` per plane (same product), round both to fp16, re-round the signs once more
+   against the fp16 scales: the stored values are what the block reports and hands on;
+4. compensation (GPTQ/OBS, with ``U^T U = H^-1``): ``Err = (W_B - W_hat_B) U_BB^-1`` ("exact", the
+   optimal update of the later columns for a jointly quantized block) or
+   ``(W_B - W_hat_B) / diag(U_BB)`` ("diag", BiLLM/ARB-LLM), then ``W[:, end:] -= Err U[B, end:]``.
+
+Data-aware weighting (DOR): importance ``Z_ij = W_ij^2 d_j`` with a column factor ``d``
+(``hdiag``: ``H_jj``; ``obs``: ``1 / U_jj^2``; ``schur``: ``diag((U_BB^T U_BB)^-1)``, the block's
+Hessian after optimal compensation of the later columns). Outliers ``Pi = |Z - mean| > sigma*std``
+(stats over the layer or the block); ``A = (d_j / mean d if dor_base else 1) * (1 + c Pi)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .abmp import abmp_assign, uniform_planes
+from .common import PlaneCollector, to_fp16_checked
+from .config import QuantConfig
+from .hessian import inverse_hessian_factor
+
+# ---------------------------------------------------------------------------------------------
+# block-level math (all torch, float32, [n, G] blocks)
+
+
+def planes_sum(rs: torch.Tensor, cs: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``sum_k (rs_k cs_k^T) * S_k``, summed in plane order from 0 (as QuantizedTensor.dequantize)."""
+    out = torch.zeros(S.shape[1:], dtype=torch.float32, device=S.device)
+    for k in range(S.shape[0]):
+        out = out + (rs[k][:, None] * cs[k][None, :]) * S[k]
+    return out
+
+
+def weighted_loss(W: torch.Tensor, A: torch.Tensor, Q: torch.Tensor) -> float:
+    return float((A.double() * (W.double() - Q.double()) ** 2).sum())
+
+
+def rsr_row_update(T: torch.Tensor, A: torch.Tensor, S: torch.Tensor, ac: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """argmin over ``ar`` of ``sum A (T - (ar ac^T) * S)^2`` (closed form; rows with no weight keep ``old``)."""
+    num = (A * T * S) @ ac
+    den = A @ (ac * ac)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), old)
+
+
+def rsr_col_update(T: torch.Tensor, A: torch.Tensor, S: torch.Tensor, ar: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """argmin over ``ac`` of ``sum A (T - (ar ac^T) * S)^2``."""
+    num = (A * T * S).t() @ ar
+    den = A.t() @ (ar * ar)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), old)
+
+
+def joint_reround(W: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """Signs ``[K, n, G]`` (+-1 float) minimising ``|W - sum_k s_k rs_k cs_k|`` per element over all
+    ``2^K`` combinations (ties: the lowest combination index, bit k set = +1 for plane k)."""
+    K = rs.shape[0]
+    C = rs[:, :, None] * cs[:, None, :]
+    best_err = None
+    best_idx = torch.zeros(W.shape, dtype=torch.int64, device=W.device)
+    for idx in range(2**K):
+        val = torch.zeros_like(W)
+        for k in range(K):
+            val = val + (C[k] if (idx >> k) & 1 else -C[k])
+        err = (W - val).abs()
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_idx = torch.where(better, torch.full_like(best_idx, idx), best_idx)
+    return torch.stack([((best_idx >> k) & 1).to(torch.float32) * 2 - 1 for k in range(K)])
+
+
+def greedy_init(W: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ARB-RC residual initialisation: ``(rs [K, n], cs [K, G], S [K, n, G])``."""
+    R = W.clone()
+    rs, cs, S = [], [], []
+    for _ in range(K):
+        ar = R.abs().mean(dim=1)
+        ac = (R.abs() / ar.clamp_min(1e-30)[:, None]).mean(dim=0)
+        s = torch.where(R >= 0, 1.0, -1.0)
+        R = R - (ar[:, None] * ac[None, :]) * s
+        rs.append(ar)
+        cs.append(ac)
+        S.append(s)
+    return torch.stack(rs), torch.stack(cs), torch.stack(S)
+
+
+def rsr_sweep(W: torch.Tensor, A: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, S: torch.Tensor) -> None:
+    """One pass of row-then-column rescaling over every plane (in place), signs fixed."""
+    K = S.shape[0]
+    for k in range(K):
+        others = torch.zeros_like(W)
+        for l in range(K):
+            if l != k:
+                others = others + (rs[l][:, None] * cs[l][None, :]) * S[l]
+        T = W - others
+        rs[k] = rsr_row_update(T, A, S[k], cs[k], rs[k])
+        cs[k] = rsr_col_update(T, A, S[k], rs[k], cs[k])
+
+
+def balance_scales(rs: torch.Tensor, cs: torch.Tensor) -> None:
+    """Per plane, move a common factor between ``rs`` and ``cs`` so their RMS are equal (same product)."""
+    for k in range(rs.shape[0]):
+        r = rs[k].pow(2).mean().sqrt()
+        c = cs[k].pow(2).mean().sqrt()
+        if float(r) > 0 and float(c) > 0:
+            t = (c / r).sqrt()
+            rs[k] = rs[k] * t
+            cs[k] = cs[k] / t
+
+
+@dataclass
+class DaqBlock:
+    rs: torch.Tensor  # [K, n] fp16-representable (when fp16=True)
+    cs: torch.Tensor  # [K, G]
+    S: torch.Tensor  # [K, n, G] +-1
+    Q: torch.Tensor  # [n, G] = planes_sum(rs, cs, S)
+    losses: list[float] = field(default_factory=list)  # weighted loss after init and each iteration
+
+
+def daq_block(
+    W: torch.Tensor, A: torch.Tensor | None, K: int, iters: int, fp16: bool = True, track: bool = False, name: str = ""
+) -> DaqBlock:
+    """DAQ of one block ``W [n, G]`` with element weights ``A`` (None = uniform) and ``K`` planes."""
+    W = W.to(torch.float32)
+    if A is None:
+        A = torch.ones_like(W)
+    rs, cs, S = greedy_init(W, K)
+    losses = [weighted_loss(W, A, planes_sum(rs, cs, S))] if track else []
+    for _ in range(iters):
+        rsr_sweep(W, A, rs, cs, S)
+        S = joint_reround(W, rs, cs)
+        if track:
+            losses.append(weighted_loss(W, A, planes_sum(rs, cs, S)))
+    if fp16:
+        balance_scales(rs, cs)
+        rs = to_fp16_checked(rs, "a row scale", name)
+        cs = to_fp16_checked(cs, "a column scale", name)
+        S = joint_reround(W, rs, cs)
+    return DaqBlock(rs=rs, cs=cs, S=S, Q=planes_sum(rs, cs, S), losses=losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer level
+
+
+def column_importance(H: torch.Tensor | None, U: torch.Tensor | None, kind: str, G: int) -> torch.Tensor | None:
+    """Column factor ``d [n_in]`` of the importance ``Z = W^2 d`` (None without H)."""
+    if H is None:
+        return None
+    if kind == "hdiag":
+        return torch.diag(H).to(torch.float32).clone()
+    if kind == "obs":
+        return 1.0 / torch.diag(U).pow(2)
+    if kind == "schur":
+        n = U.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=U.device)
+        eye = torch.eye(G, dtype=torch.float32, device=U.device)
+        for c0 in range(0, n, G):
+            Ub = U[c0 : c0 + G, c0 : c0 + G]
+            Uinv = torch.linalg.solve_triangular(Ub, eye, upper=True)
+            out[c0 : c0 + G] = Uinv.pow(2).sum(dim=1)
+        return out
+    raise ValueError(kind)
+
+
+@dataclass
+class LayerContext:
+    """What DAQ needs for a layer besides the weight: ``U``, the column factor, the Z statistics."""
+
+    U: torch.Tensor | None
+    d: torch.Tensor | None  # [n_in] column factor, normalised to mean 1
+    z_mean: float
+    z_std: float
+    scores: np.ndarray  # [n_blocks] ABMP block scores sum_{block} Z
+
+
+def layer_context(
+    W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str = "", need_u: bool = True
+) -> LayerContext:
+    """Prepare ``U`` (zeroing dead columns of ``W`` in place), ``d``, Z statistics and block scores.
+
+    With ``need_u=False`` and ``importance="hdiag"`` the Cholesky factorisation is skipped (scores only).
+    """
+    G = cfg.group_size
+    U = None
+    if H is not None and (need_u or cfg.importance != "hdiag"):
+        U = inverse_hessian_factor(H.to(W.device), W, cfg.percdamp, name)
+    d = column_importance(H.to(W.device) if H is not None else None, U, cfg.importance, G)
+    if d is not None:
+        m = d.mean()
+        d = d / m if float(m) > 0 else torch.ones_like(d)
+    Z = W.square()
+    if d is not None:
+        Z = Z * d[None, :]
+    z_mean, z_std = float(Z.mean()), float(Z.std()) if Z.numel() > 1 else 0.0
+    scores = Z.reshape(W.shape[0], -1, G).sum(dim=(0, 2)).double().cpu().numpy()
+    return LayerContext(U=U, d=d, z_mean=z_mean, z_std=z_std, scores=scores)
+
+
+def dor_weights(Wb: torch.Tensor, db: torch.Tensor | None, cfg: QuantConfig, ctx: LayerContext) -> torch.Tensor:
+    """Element weights ``A = Lambda^2`` of one block."""
+    Z = Wb.square()
+    if db is not None:
+        Z = Z * db[None, :]
+    if cfg.outlier_scope == "block":
+        m, s = float(Z.mean()), float(Z.std())
+    else:
+        m, s = ctx.z_mean, ctx.z_std
+    A = torch.ones_like(Wb)
+    if s > 0 and cfg.outlier_weight > 0:
+        A = A + cfg.outlier_weight * ((Z - m).abs() > cfg.outlier_sigma * s).to(torch.float32)
+    if cfg.dor_base and db is not None:
+        A = A * db[None, :]
+    return A
+
+
+def daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, planes: np.ndarray | None = None, name: str = ""):
+    """Quant-dLLM on one weight. Returns ``(QuantizedTensor, W_hat fp32 torch, planes)``."""
+    W = W.detach().to(torch.float32).clone()
+    n_out, n_in = W.shape
+    G = cfg.group_size
+    nb = n_in // G
+    ctx = layer_context(W, H, cfg, name)
+    if planes is None:
+        if cfg.abmp:
+            planes = abmp_assign(ctx.scores, cfg.bits, cfg.abmp_ratio, what=name)
+        else:
+            planes = uniform_planes(nb, cfg.bits, what=name)
+    planes = np.asarray(planes, np.uint8)
+    col = PlaneCollector((n_out, n_in), G, planes)
+    W_hat = torch.empty_like(W)
+    U = ctx.U
+    for j in range(nb):
+        c0, c1 = j * G, (j + 1) * G
+        Wb = W[:, c0:c1]
+        db = ctx.d[c0:c1] if ctx.d is not None else None
+        A = dor_weights(Wb, db, cfg, ctx) if cfg.data_aware else None
+        blk = daq_block(Wb, A, int(planes[j]), cfg.iters, fp16=True, name=name)
+        W_hat[:, c0:c1] = blk.Q
+        col.add_block(j, blk.rs, blk.cs, blk.S > 0)
+        if U is not None and c1 < n_in:
+            D = Wb - blk.Q
+            Ub = U[c0:c1, c0:c1]
+            if cfg.compensation == "exact":
+                Err = torch.linalg.solve_triangular(Ub, D, upper=True, left=False)
+            else:
+                Err = D / torch.diag(Ub)[None, :]
+            W[:, c1:] -= Err @ U[c0:c1, c1:]
+    meta = {"method": "quant-dllm", "bits": cfg.bits}
+    qt = col.build(mu=None, name=name, meta=meta)
+    return qt, W_hat, planes
+
+
+def block_scores(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str = "") -> np.ndarray:
+    """ABMP scores ``s_j = sum_{block j} Z`` of one weight (for pooling with abmp_assign_pooled)."""
+    W = W.detach().to(torch.float32).clone()
+    if H is not None:
+        W[:, torch.diag(H) == 0] = 0.0  # as the quantizer sees it (dead inputs zeroed)
+    return layer_context(W, H, cfg, name, need_u=False).scores
