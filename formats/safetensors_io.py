@@ -84,7 +84,6 @@ class SafetensorsFile:
                     f"but the file has {size}; re-download or re-copy the file"
                 )
             self.entries[name] = (dt, shape, a, b)
-        self._mm: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -96,21 +95,27 @@ class SafetensorsFile:
         return self.entries[name][1]
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored array, memory-mapped, in its storage dtype (bf16 as uint16)."""
+        """The stored array in its storage dtype (bf16 as uint16), read from the file into memory.
+
+        Read, not memory-mapped: mapped pages of every tensor touched would stay in the process's
+        resident set for as long as the file is open, so streaming a 16 GB checkpoint would grow RSS
+        by 16 GB.
+        """
         dt, shape, a, b = self.entries[name]
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mm[self._data_start + a : self._data_start + b].view(_DTYPES[dt]).reshape(shape)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + a)
+            arr = np.fromfile(f, dtype=_DTYPES[dt], count=(b - a) // _DTYPES[dt].itemsize)
+        return arr.reshape(shape)
 
     def get(self, name: str, float32: bool = True) -> np.ndarray:
         """A tensor as a new array; floating types converted to float32 when ``float32``."""
         dt = self.entries[name][0]
         arr = self.raw(name)
         if dt == "BF16":
-            return bf16_to_f32(arr) if float32 else np.array(arr)
+            return bf16_to_f32(arr) if float32 else arr
         if float32 and dt in ("F16", "F64"):
             return arr.astype(np.float32)
-        return np.array(arr)
+        return arr
 
 
 class Checkpoint:
