@@ -6,7 +6,7 @@ Rule (Quant-dLLM, extended to fractional budgets; docs/quantizer.md):
    mean cannot be exactly ``b``: ``QdllmError``).
 2. Base: rank blocks by score (descending, ties by index); the top ``b*n - floor(b)*n`` blocks
    get ``ceil(b)`` planes, the rest ``floor(b)``. For an integer budget every block gets ``b``.
-3. Shift: ``k = floor(ratio * n)``; the top ``k`` blocks get one plane more, the bottom ``k`` one
+3. Shift: ``k = round(ratio * n)`` (halves up, at most ``n // 2``); the top ``k`` blocks get one plane more, the bottom ``k`` one
    plane less. Skipped (k = 0) when that would leave the range 1..8 (e.g. budget 1 or 1.5).
 
 So budget 2 gives {1,2,3} (the paper's rule), 3 gives {2,3,4}, 1.5 a mix of {1,2}, 2.5 {1,2,3,4}.
@@ -60,7 +60,8 @@ def abmp_assign(
     order = np.argsort(-s, kind="stable")
     K = np.full(n, lo, dtype=np.int64)
     K[order[:n_hi]] += 1
-    k = int(math.floor(ratio * n + 1e-9))
+    # Rounded, not floored: a tiny model's pool of 18 blocks at 5% still moves one block each way.
+    k = min(int(math.floor(ratio * n + 0.5 + 1e-9)), n // 2)
     if k > 0:
         top, bottom = order[:k], order[n - k :]
         if K[top].max() + 1 <= MAX_PLANES and K[bottom].min() - 1 >= MIN_PLANES:
