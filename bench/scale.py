@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,12 +22,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import machine, md_table, write_section  # noqa: E402
 from formats.families import LLADA, HParams  # noqa: E402
-from formats.safetensors_io import f32_to_bf16, write_safetensors  # noqa: E402
+from formats.safetensors_io import write_safetensors  # noqa: E402
 
 SHAPES = {
     "llada-8b": dict(n_vocab=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=12288),
     "small": dict(n_vocab=32768, d_model=1024, n_layers=8, n_heads=16, n_kv_heads=16, d_ff=3072),
+    "small-deep": dict(n_vocab=32768, d_model=1024, n_layers=32, n_heads=16, n_kv_heads=16, d_ff=3072),
 }
 
 
@@ -60,7 +60,8 @@ def write_random_checkpoint(folder: Path, hp: HParams, device: str, seed: int = 
         weight_map.update({hf: fname for hf in tensors})
         del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    cfg = LLADA.config_from_hparams(hp, eos_token_id=126081, pad_token_id=126081, bos_token_id=126080, torch_dtype="bfloat16")
+    eos = 126081 if hp.n_vocab == 126464 else hp.n_vocab - 3  # LLaDA-8B's ids, or the last ids of a smaller vocab
+    cfg = LLADA.config_from_hparams(hp, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos - 1, torch_dtype="bfloat16")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     tok = ROOT / "qdllm_export" / "data" / "tiny-llada" / "tokenizer.json"
     (folder / "tokenizer.json").write_bytes(tok.read_bytes())
@@ -85,37 +86,44 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = ""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = ", " + torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"{cpu} x{os.cpu_count()}{gpu}"
+def write_doc(results: list[Path]) -> None:
+    """The "scale" section of docs/benchmarks.md from result JSON files."""
+    rows = []
+    for p in results:
+        r = json.loads(p.read_text())
+        rows.append([r["shape"], f"{r['n_params'] / 1e9:.2f} B", f"{r['checkpoint_gb']:.2f}", r["device"], r["machine"],
+                     r["calibration"], f"{r['seconds'] / 60:.1f}",
+                     "-" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.1f}", f"{r['peak_rss_gb']:.2f}",
+                     f"{r['bits_per_weight_linear']:.3f}", f"{r['block_output_errors'][-1]:.3f}"])
+    body = ("## Scale: streaming quantization (`bench/scale.py`)\n\n"
+            "Quant-dLLM at 2 bits, end to end (MCS calibration, DAQ + ABMP + block compensation, writing the "
+            "quantized checkpoint) on an official-layout LLaDA checkpoint of random bf16 weights written as one shard "
+            "per block. Peak GPU memory is `torch.cuda.max_memory_allocated`; peak host RSS is the quantizing "
+            "process's `ru_maxrss` (GiB). The last column is the relative output error of the last block, "
+            "quantized model vs the float block on the same inputs (random weights: not a quality figure).\n\n"
+            + md_table(["shape", "params", "checkpoint GiB", "device", "machine", "calibration", "minutes",
+                        "peak GPU GiB", "peak RSS GiB", "bits/w linears", "last block err"], rows))
+    write_section("scale", body)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--doc", nargs="+", type=Path, help="Only rewrite docs/benchmarks.md from these result files.")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llada-8b")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    hp = HParams(family="llada", rope_theta=500000.0, norm_eps=1e-5, mask_token_id=126336, context_length=4096,
-                 **SHAPES[a.shape])
+    if a.doc:
+        write_doc(a.doc)
+        return
+    if a.workdir is None or a.out is None:
+        ap.error("--workdir and --out are required")
+    shape = SHAPES[a.shape]
+    mask = 126336 if shape["n_vocab"] == 126464 else shape["n_vocab"] - 1
+    hp = HParams(family="llada", rope_theta=500000.0, norm_eps=1e-5, mask_token_id=mask, context_length=4096, **shape)
     ckpt = a.workdir / "ckpt"
     t0 = time.time()
     size = write_random_checkpoint(ckpt, hp, "cuda" if a.device.startswith("cuda") else "cpu")

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import md_table, write_section  # noqa: E402
-from formats.families import LLADA, HParams  # noqa: E402
+from formats.families import HParams  # noqa: E402
 from formats.gguf_layout import plane_shapes  # noqa: E402
 from formats.tensors import canonical_names, canonical_shape, is_linear  # noqa: E402
 

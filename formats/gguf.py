@@ -27,7 +27,7 @@ from formats.gguf_layout import FORMAT_VERSION, QK1_0, encode_planes, permute_te
 from formats.gguf_read import GGUFModel, GGUFTensors, read_gguf  # noqa: F401  (public API)
 from formats.gguf_tokenizer import vocab_for_gguf
 from formats.qtensor import QuantizedTensor
-from formats.tensors import TensorSource, canonical_names, canonical_shape, is_linear
+from formats.tensors import TensorSource, canonical_names, canonical_shape, fetch_checked, is_linear
 
 OUTTYPES = ("quantized", "f32", "f16")
 EMBED_TYPES = ("f32", "f16", "q8_0")
@@ -96,17 +96,8 @@ class _Writer:
         self.group_size: int | None = None
 
     def _fetch(self, name: str) -> np.ndarray | QuantizedTensor:
-        try:
-            value = self.source.get(name)
-        except KeyError:
-            raise QdllmError(f"{self.path}: the model has no tensor {name!r}; a {self.hp.family} model needs it") from None
-        want = canonical_shape(self.hp, name)
-        got = value.shape if isinstance(value, QuantizedTensor) else np.shape(value)
-        if tuple(got) != tuple(want):
-            raise QdllmError(f"{self.path}: tensor {name} has shape {tuple(got)}, but the hparams imply {want}")
+        value = fetch_checked(self.source, name, self.path)
         if isinstance(value, QuantizedTensor):
-            if not is_linear(self.hp, name):
-                raise QdllmError(f"{self.path}: tensor {name} is quantized, but only block linears may be")
             if self.group_size is None:
                 self.group_size = value.group_size
             elif value.group_size != self.group_size:

@@ -34,7 +34,7 @@ from formats.onnx_proto import TensorStore
 from formats.onnx_read import (FORMAT, FORMAT_VERSION, KERNELS, OUTTYPES, OnnxInfo, OnnxTensors,  # noqa: F401 (API)
                                encode_codes, read_onnx_info)
 from formats.qtensor import QuantizedTensor
-from formats.tensors import TensorSource, canonical_names, canonical_shape, is_linear
+from formats.tensors import TensorSource, canonical_names, fetch_checked
 
 EMBED_TYPES = ("f32", "f16")
 INLINE_LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole file; above this: external data
@@ -64,17 +64,7 @@ class _Export:
         self.group_sizes: set[int] = set()
 
     def fetch(self, name: str) -> np.ndarray | QuantizedTensor:
-        try:
-            value = self.source.get(name)
-        except KeyError:
-            raise QdllmError(f"{self.path}: the model has no tensor {name!r}; a {self.hp.family} model needs it") from None
-        want = canonical_shape(self.hp, name)
-        got = value.shape if isinstance(value, QuantizedTensor) else np.shape(value)
-        if tuple(got) != tuple(want):
-            raise QdllmError(f"{self.path}: tensor {name} has shape {tuple(got)}, but the hparams imply {want}")
-        if isinstance(value, QuantizedTensor) and not is_linear(self.hp, name):
-            raise QdllmError(f"{self.path}: tensor {name} is quantized, but only block linears may be")
-        return value
+        return fetch_checked(self.source, name, self.path)
 
     def floats(self, name: str, arr: Any, dtype: str, transposed: bool) -> str:
         arr = np.asarray(arr, dtype=np.float32)

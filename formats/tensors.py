@@ -54,6 +54,23 @@ def is_linear(hp: HParams, name: str) -> bool:
     return name.startswith("blk.") and name.split(".", 2)[2] in hp.spec.linear_roles()
 
 
+def fetch_checked(source: TensorSource, name: str, where: str | Path) -> Tensor:
+    """``source.get(name)``, checked against the family table: present, the right shape, and quantized
+    only if it is a block linear. Writers call it so every format refuses a bad model the same way."""
+    hp = source.hparams
+    try:
+        value = source.get(name)
+    except KeyError:
+        raise QdllmError(f"{where}: the model has no tensor {name!r}; a {hp.family} model needs it") from None
+    want = canonical_shape(hp, name)
+    got = value.shape if isinstance(value, QuantizedTensor) else np.shape(value)
+    if tuple(got) != tuple(want):
+        raise QdllmError(f"{where}: tensor {name} has shape {tuple(got)}, but the hparams imply {want}")
+    if isinstance(value, QuantizedTensor) and not is_linear(hp, name):
+        raise QdllmError(f"{where}: tensor {name} is quantized, but only block linears may be")
+    return value
+
+
 class DictTensors:
     """Tensors held in a dict (tests, small models)."""
 

@@ -122,7 +122,7 @@ def quantize_checkpoint(
             n_ref = min(batch, x.shape[0])  # block output error measured on the first windows
             y_ref = _run_block(block, x[:n_ref].clone(), cos, sin, batch)
             Hs = {r: a.H for r, a in acc.items()}
-            del acc
+            acc.clear()
             planes: dict[str, np.ndarray | None] = {r: None for r in linears}
             if qcfg.method == "quant-dllm" and qcfg.abmp:
                 scores = [block_scores(linears[r].weight, Hs[r], qcfg, name=f"blk.{i}.{r}.weight") for r in linears]

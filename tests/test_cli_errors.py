@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 
-from tests.tiny import make_checkpoint
 
 
 def _copy(src, dst):

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from formats.errors import QdllmError
 from qdllm_export.quant import QuantConfig, abmp_assign, abmp_assign_pooled, block_scores, quantize_weight
