@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=str(ROOT / ".out" / "bench_runtime.json"))
     ap.add_argument("--workdir", default=None, help="where the .onnx files go (default: a temporary folder)")
+    ap.add_argument("--no-doc", action="store_true", help="Do not write docs/benchmarks.md.")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "CANVAS", "LOGITS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -264,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "canvas": a.canvas, "threads": a.threads, "reps": a.reps, "results": results,
                                         "markdown": table}, indent=2))
     print(f"(json: {a.json})", file=sys.stderr)
+    if not a.no_doc:
+        from bench.report import write_section
+
+        write_section("runtime", "## Runtime: one full-canvas forward in onnxruntime (`bench/runtime.py`)\n\n" + table)
     if tmp is not None:
         tmp.cleanup()
     return 0
