@@ -78,7 +78,7 @@ src, dst, device, n, L = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 t0 = time.time()
 done = []
 res, rec = quantize_checkpoint(src, dst, QuantConfig(), CalibConfig(n_samples=n, seq_len=L), device=device, force=True,
-                               on_layer=lambda i, nb, w: (done.append(i), print(f"[{time.time()-t0:7.1f}s] block {i}/{nb} {w}", flush=True)) if w.endswith("attn_q.weight") or i == nb else None)
+                               on_layer=lambda i, nb, w: (done.append(i), print(f"[{time.time()-t0:7.1f}s] block {i}/{nb} {w}", flush=True)) if "done" in w or i == nb else None)
 out = {"seconds": time.time() - t0, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
        "bits_per_weight_linear": rec["bits_per_weight_linear"], "block_output_errors": rec["block_output_errors"]}

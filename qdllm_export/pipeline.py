@@ -61,6 +61,11 @@ def _load_block(src: HFTensors, i: int, device: str) -> torch.nn.Module:
     return block.eval()
 
 
+def _err_text(r: LayerReport) -> str:
+    out = "-" if r.rel_output_error is None else f"{r.rel_output_error:.4f}"
+    return f"{r.name.split('.', 2)[2]} output err {out}, {r.bits_per_weight:.2f} bits/w"
+
+
 def _stored(src: HFTensors, name: str, bf16: bool) -> np.ndarray:
     """A float tensor to copy unchanged: bf16 bits as stored (memory-mapped, no float copy), else float32."""
     return src.ckpt.raw(src.hf_name(name)) if bf16 and src.ckpt.dtype(src.hf_name(name)) == "BF16" else src.get(name)
@@ -131,7 +136,7 @@ def quantize_checkpoint(
             for r, m in linears.items():
                 name = f"blk.{i}.{r}.weight"
                 if on_layer:
-                    on_layer(i, hp.n_layers, name)
+                    on_layer(i, hp.n_layers, name + (f" (previous: {_err_text(result.layers[-1])})" if result.layers else ""))
                 res = quantize_weight(m.weight.data, Hs[r], qcfg, planes=planes[r], name=name)
                 qt, stats = res.qt, res.stats
                 quantized[hf[name]] = qt
@@ -142,6 +147,8 @@ def quantize_checkpoint(
             del Hs
             _run_block(block, x, cos, sin, batch)  # the quantized block feeds the next one
             result.block_errors.append(float((x[:n_ref] - y_ref).norm() / y_ref.norm()))
+            if on_layer:
+                on_layer(i + 1, hp.n_layers, f"block {i} done, block output error {result.block_errors[-1]:.4f}")
             del y_ref
             floats = {hf[n]: _stored(src, n, bf16) for n in src.layer_names(i) if hf[n] not in quantized}
             writer.add_shard(floats, quantized, bf16)
