@@ -12,6 +12,10 @@ from qdllm_export.cli import generate, evaluate, inspect, quantize, gguf, onnx, 
 
 def main() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
+    import signal
+
+    # SIGTERM (a CI timeout, a killed job) unwinds like Ctrl-C, so writers remove their temporary output
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         app(standalone_mode=False)
     except QdllmError as e:
