@@ -50,14 +50,18 @@ def main() -> None:
     ap.add_argument("--mc", type=int, default=8)
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "quality.json")
     ap.add_argument("--no-doc", action="store_true", help="Do not write docs/benchmarks.md.")
+    ap.add_argument("--resume", action="store_true", help="Keep the rows already in --json and run only the missing ones.")
     a = ap.parse_args()
-    results = []
+    results = json.loads(a.json.read_text())["results"] if a.resume and a.json.exists() else []
+    done = {(r["model"], r["variant"]) for r in results}
     for model in a.models:
         folder = resolve(model)
         fp = open_model(model, device=a.device)
         windows = text_token_windows(fp.tokenizer, DEFAULT_DATA, a.eval_seq_len, a.eval_windows)
-        fp_nll = None
+        fp_nll = next((r["nll"] for r in results if r["model"] == model and r["bits_per_weight"] is None), None)
         for label, q, c in VARIANTS:
+            if (model, label) in done:
+                continue
             t0 = time.time()
             with tempfile.TemporaryDirectory() as tmp:
                 bpw = None
@@ -75,7 +79,10 @@ def main() -> None:
                        delta=res.nll - fp_nll, seconds=time.time() - t0)
             results.append(row)
             print(json.dumps(row), flush=True)
-    a.json.write_text(json.dumps({"machine": machine(), "settings": vars(a) | {"json": str(a.json)}, "results": results}, indent=1))
+            settings = {k: v for k, v in vars(a).items() if k not in ("json", "resume")}
+            a.json.write_text(json.dumps({"machine": machine(), "settings": settings, "results": results}, indent=1))
+    order = {v[0]: i for i, v in enumerate(VARIANTS)}
+    results.sort(key=lambda r: (a.models.index(r["model"]) if r["model"] in a.models else 99, order[r["variant"]]))
     if a.no_doc:
         return
     rows = []

@@ -27,6 +27,7 @@ from formats.gguf_layout import FORMAT_VERSION, QK1_0, encode_planes, permute_te
 from formats.gguf_read import GGUFModel, GGUFTensors, read_gguf  # noqa: F401  (public API)
 from formats.gguf_tokenizer import vocab_for_gguf
 from formats.qtensor import QuantizedTensor
+from formats.tokenizer import special_token_ids
 from formats.tensors import TensorSource, canonical_names, canonical_shape, fetch_checked, is_linear
 
 OUTTYPES = ("quantized", "f32", "f16")
@@ -129,25 +130,6 @@ class _Writer:
         return [(name, _encode_float(name, value, _float_type(name, self.outtype, self.embed_type), str(self.path)))]
 
 
-def _special_ids(source: TensorSource, special_ids: dict[str, int] | None) -> dict[str, int]:
-    cfg = getattr(source, "config", None) or {}
-    extra = getattr(source.hparams, "extra", None) or {}
-    hp = source.hparams
-    from_hp = {k: v for k, v in (("bos", getattr(hp, "bos_token_id", -1)), ("eos", getattr(hp, "eos_token_id", -1)))
-               if v is not None and v >= 0}
-    out: dict[str, int] = {}
-    for key in ("bos", "eos", "pad"):
-        for d in (special_ids or {}, from_hp, cfg, extra):
-            v = d.get(key, d.get(f"{key}_token_id"))
-            if isinstance(v, list):
-                v = v[0] if v else None
-            if v is not None:
-                out[key] = int(v)
-                break
-    out["mask"] = int((special_ids or {}).get("mask", source.hparams.mask_token_id))
-    return out
-
-
 def _add_meta(w: Any, key: str, value: Any) -> None:
     if isinstance(value, bool):
         w.add_bool(key, value)
@@ -202,7 +184,7 @@ def write_gguf(
     if "group_size" in meta and writer.group_size is not None and int(meta["group_size"]) != writer.group_size:
         raise QdllmError(f"{path}: qdllm_meta group_size {meta['group_size']} differs from the tensors' {writer.group_size}")
     group_size = writer.group_size if writer.group_size is not None else meta.get("group_size")
-    ids = _special_ids(source, special_ids)
+    ids = special_token_ids(source, special_ids)
     vocab = None
     if tokenizer is not None:
         vocab = vocab_for_gguf(tokenizer, hp.n_vocab, tokenizer_pre, where=f"{path}: tokenizer")

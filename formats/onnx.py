@@ -34,6 +34,7 @@ from formats.onnx_proto import TensorStore
 from formats.onnx_read import (FORMAT, FORMAT_VERSION, KERNELS, OUTTYPES, OnnxInfo, OnnxTensors,  # noqa: F401 (API)
                                encode_codes, read_onnx_info)
 from formats.qtensor import QuantizedTensor
+from formats.tokenizer import special_token_ids
 from formats.tensors import TensorSource, canonical_names, fetch_checked
 
 EMBED_TYPES = ("f32", "f16")
@@ -135,21 +136,6 @@ class _Export:
         return b.op(fname, [x] + [names[f] for f in order], domain=DOMAIN, **attrs)
 
 
-def _special_ids(source: TensorSource, special_ids: dict[str, int] | None) -> dict[str, int]:
-    cfg = getattr(source, "config", None) or {}
-    out: dict[str, int] = {}
-    for key in ("bos", "eos", "pad"):
-        for d in (special_ids or {}, cfg):
-            v = d.get(key, d.get(f"{key}_token_id"))
-            if isinstance(v, list):
-                v = v[0] if v else None
-            if v is not None:
-                out[key] = int(v)
-                break
-    out["mask"] = int((special_ids or {}).get("mask", source.hparams.mask_token_id))
-    return out
-
-
 def _tokenizer_json(tokenizer: Any, source: TensorSource, where: Path) -> str | None:
     if tokenizer is None:
         folder = getattr(source, "folder", None)
@@ -226,7 +212,7 @@ def write_onnx(
         if len(ex.group_sizes) > 1:
             raise QdllmError(f"{path}: tensors use group sizes {sorted(ex.group_sizes)}; one file holds one group size")
         tok = _tokenizer_json(tokenizer, source, path)
-        ids = _special_ids(source, special_ids)
+        ids = special_token_ids(source, special_ids)
         for key, val in ids.items():
             if not 0 <= val < hp.n_vocab:
                 raise QdllmError(f"{path}: {key} token id {val} is outside the vocabulary of {hp.n_vocab}")

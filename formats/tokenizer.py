@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from formats.errors import QdllmError
 
@@ -38,3 +38,23 @@ def load_tokenizer(folder: str | Path):
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception subclasses
         raise QdllmError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+
+def special_token_ids(source: Any, overrides: dict[str, int] | None = None) -> dict[str, int]:
+    """bos / eos / pad / mask ids of a model (a ``TensorSource``): ``overrides`` first (keys "bos" or
+    "bos_token_id"...), then the hparams, then the source's ``config.json``. Absent ids are left out;
+    "mask" is always present."""
+    hp = source.hparams
+    cfg = getattr(source, "config", None) or {}
+    from_hp = {k: v for k, v in (("bos", hp.bos_token_id), ("eos", hp.eos_token_id)) if v is not None and v >= 0}
+    out: dict[str, int] = {}
+    for key in ("bos", "eos", "pad"):
+        for d in (overrides or {}, from_hp, cfg):
+            v = d.get(key, d.get(f"{key}_token_id"))
+            if isinstance(v, list):
+                v = v[0] if v else None
+            if v is not None:
+                out[key] = int(v)
+                break
+    out["mask"] = int((overrides or {}).get("mask", hp.mask_token_id))
+    return out
