@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from formats.errors import QdllmError
+from runtime_ref.sampling import _check_int
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -59,14 +60,6 @@ class NLLResult:
     def ppl(self) -> float:
         """``exp(nll)``: the corresponding perplexity bound."""
         return float(math.exp(self.nll))
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise QdllmError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise QdllmError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def window_masks(window: int, seq_len: int, n_mc: int, seed: int, protect_first: bool = False) -> np.ndarray:
