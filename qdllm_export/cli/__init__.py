@@ -7,7 +7,7 @@ import sys
 from qdllm_export.cli.app import app, console_err
 from formats.errors import QdllmError
 
-from qdllm_export.cli import generate, evaluate, inspect, quantize, gguf, onnx, verify  # noqa: E402,F401  (register verbs)
+from qdllm_export.cli import quantize, gguf, onnx, verify, generate, evaluate, inspect  # noqa: E402,F401  (register verbs)
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ def onnx_(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     q: Any = None,
 ) -> None:
-    """Write an ONNX model: input_ids [batch, seq] -> logits [batch, seq, vocab], bidirectional, with each quantized
-    linear a qdllm.PlaneMatMul node defined inside the file as a function of standard ONNX ops."""
+    """Write an ONNX model (input_ids -> logits, bidirectional) whose quantized linears are qdllm.PlaneMatMul nodes,
+    defined inside the file as functions of standard ONNX ops."""
     from formats.onnx import write_onnx
     from runtime_ref.ort import OrtBackend
 
