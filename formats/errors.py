@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class QdllmError(Exception):
     """A user-facing error: the message names the file (or tensor) and says how to fix it."""
@@ -9,3 +11,13 @@ class QdllmError(Exception):
 
 class FormatError(QdllmError):
     """A file on disk is not what it claims to be (truncated, corrupt, wrong version, wrong shapes)."""
+
+
+def check_output_path(path: str | Path, overwrite: bool) -> Path:
+    """An output file path that may be written: refused when it exists (unless ``overwrite``) or its folder is missing."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise QdllmError(f"{path}: already exists; pass --force (overwrite=True) or choose another name")
+    if not path.parent.is_dir():
+        raise QdllmError(f"{path}: folder {path.parent} does not exist")
+    return path

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from formats.errors import QdllmError
+from formats.errors import QdllmError, check_output_path
 from formats.gguf_layout import FORMAT_VERSION, QK1_0, encode_planes, permute_tensor, plane_shapes, row_permutation
 from formats.gguf_read import GGUFModel, GGUFTensors, read_gguf  # noqa: F401  (public API)
 from formats.gguf_tokenizer import vocab_for_gguf
@@ -171,10 +171,7 @@ def write_gguf(
     embed_type = embed_type or ("f32" if outtype == "f32" else "f16")
     if embed_type not in EMBED_TYPES:
         raise QdllmError(f"{path}: embed_type {embed_type!r} is not one of {', '.join(EMBED_TYPES)}")
-    if path.exists() and not overwrite:
-        raise QdllmError(f"{path}: already exists; pass overwrite=True (--overwrite) or choose another name")
-    if not path.parent.is_dir():
-        raise QdllmError(f"{path}: folder {path.parent} does not exist")
+    check_output_path(path, overwrite)
     hp = source.hparams
     spec = hp.spec
     meta = dict(qdllm_meta or {})

@@ -27,7 +27,7 @@ import numpy as np
 from onnx import TensorProto as TP
 from onnx import helper
 
-from formats.errors import QdllmError
+from formats.errors import QdllmError, check_output_path
 from formats.onnx_graph import (DOMAIN, DOMAIN_VERSION, F_NBITS, F_NBITS_MU, F_PLANE, F_PLANE_MU, IR_VERSION,
                                 MS_DOMAIN, OPSET, Builder, build_forward, io_values, make_function)
 from formats.onnx_proto import TensorStore
@@ -190,10 +190,7 @@ def write_onnx(
         raise QdllmError(f"{path}: embed_type {embed_type!r} is not one of {', '.join(EMBED_TYPES)}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise QdllmError(f"{path}: accuracy_level {accuracy_level} is not one of 0-4")
-    if path.exists() and not overwrite:
-        raise QdllmError(f"{path}: already exists; pass overwrite=True (--overwrite) or choose another name")
-    if not path.parent.is_dir():
-        raise QdllmError(f"{path}: folder {path.parent} does not exist")
+    check_output_path(path, overwrite)
     hp = source.hparams
     data_name = path.name + ".data"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from formats.checkpoint import QuantizedCheckpoint, is_quantized_checkpoint
-from formats.errors import QdllmError
+from formats.errors import QdllmError, check_output_path
 from formats.tensors import HFTensors, TensorSource
 from formats.tokenizer import load_tokenizer
 from qdllm_export.backends import resolve
@@ -30,10 +30,7 @@ def export_source(model: str, out: Path, outtype: str, force: bool, q: dict[str,
     """
     if outtype not in OUTTYPES:
         raise QdllmError(f"--outtype must be one of {', '.join(OUTTYPES)}")
-    if out.exists() and not force:
-        raise QdllmError(f"{out}: already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise QdllmError(f"{out}: folder {out.parent} does not exist")
+    check_output_path(out, force)
     folder = resolve(model)
     if not folder.is_dir():
         raise QdllmError(f"{folder}: expected a checkpoint folder (Hugging Face or quantized) or a bundled model name")
