@@ -1,0 +1,170 @@
+"""A weight grid a runtime executes natively, and the one driver that fits any grid to data (DESIGN section 9).
+
+A *grid* is how a runtime stores a linear weight ``W [n_out, n_in]``: ggml's ``q2_k`` / ``iq2_xs`` /
+..., onnxruntime's ``MatMulNBits`` codes. Along the input dimension it is cut into blocks of
+``grid.block`` columns that share parameters (scales, mins) per row. The driver walks those blocks
+left to right:
+
+1. ``state = grid.init(Wb, imp)``: the block's parameters, fitted to the current (error-compensated)
+   block ``Wb [n_out, block]`` with column importance ``imp [block]`` (None: no data, plain fit);
+2. GPTQ inside the block, ``grid.unit`` columns at a time: ``q = grid.round(state, c, w)`` picks the
+   stored values nearest to the updated columns ``w [n_out, unit]`` (recording the codes in ``state``),
+   and the OBS update ``Err = (w - q) U_uu^-1`` moves the block's later columns;
+3. ``Q = grid.refit(state, T, imp)``: optional closed-form refit of the parameters with the codes fixed
+   (``T`` holds each column as it was when rounded); returns the block's final stored values;
+4. compensation of the later blocks with the exact block update ``Err = (W_start - Q) U_BB^-1``,
+   ``W[:, end:] -= Err U[B, end:]`` (the update Quant-dLLM's DAQ uses), valid whatever ``refit`` did.
+
+``grid.pack(states, shape, name)`` turns the blocks' states into the stored tensor (``formats``
+dataclass) whose ``dequantize()`` equals the returned ``w_hat`` exactly (the stored values are the truth).
+
+Modes (``GridConfig.rounding``): ``"rtn"`` (no data: plain fit, no compensation), ``"importance"``
+(importance-weighted fit, no compensation) and ``"gptq"`` (importance + steps 2-4). All torch,
+device-agnostic, vectorised over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+from formats.errors import QdllmError
+from qdllm_export.quant.hessian import inverse_hessian_factor
+
+ROUNDINGS = ("rtn", "importance", "gptq")
+IMPORTANCES = ("hdiag", "schur")
+
+
+class Grid(Protocol):
+    """A runtime's weight grid. ``block``: columns sharing parameters; ``unit``: columns rounded jointly
+    (1 for scalar grids; ``block`` when the grid quantizes a whole block at once, e.g. a lattice
+    encoder called through ctypes)."""
+
+    name: str
+    block: int
+    unit: int
+
+    def init(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> Any:
+        """Parameters of one block from ``Wb [n_out, block]`` float32 and column importance ``imp [block]``."""
+        ...
+
+    def round(self, state: Any, c: int, w: torch.Tensor) -> torch.Tensor:
+        """Stored values ``[n_out, unit]`` nearest to columns ``c .. c+unit-1`` of the block, ``w [n_out, unit]``;
+        records the chosen codes in ``state``."""
+        ...
+
+    def refit(self, state: Any, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
+        """Final stored values ``[n_out, block]`` of the block; with ``refit`` the parameters are first
+        re-solved in closed form for the targets ``T`` with the codes fixed."""
+        ...
+
+    def pack(self, states: list[Any], shape: tuple[int, int], name: str) -> Any:
+        """The stored tensor (a ``formats`` dataclass with ``dequantize()`` and ``bits_per_weight()``)."""
+        ...
+
+    def bits_per_weight(self, n_in: int) -> float:
+        """Stored bits per weight of a linear with ``n_in`` columns (every scale and code counted)."""
+        ...
+
+
+@dataclass
+class GridConfig:
+    """How a grid is fitted to one linear. ``rounding``: rtn | importance | gptq (see module doc);
+    ``importance``: column factor from ``H`` (``hdiag`` = H_jj as llama.cpp's imatrix, ``schur`` =
+    diag((U_BB^T U_BB)^-1), the block's Hessian after optimal compensation of later columns);
+    ``refit``: closed-form parameter refit after rounding; ``percdamp``: GPTQ damping."""
+
+    rounding: str = "gptq"
+    importance: str = "hdiag"
+    refit: bool = True
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise QdllmError(f"grid rounding {self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        if self.importance not in IMPORTANCES:
+            raise QdllmError(f"grid importance {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
+        if not 0.0 <= self.percdamp <= 10.0:
+            raise QdllmError(f"percdamp must be in [0, 10], got {self.percdamp}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GridResult:
+    stored: Any  # the formats dataclass of the grid (GGMLTensor, NBitsTensor, ...)
+    w_hat: torch.Tensor  # float32 [n_out, n_in] on W's device, == stored.dequantize()
+
+
+def column_factor(H: torch.Tensor, U: torch.Tensor | None, kind: str, block: int) -> torch.Tensor:
+    """Column importance ``[n_in]`` float32 from ``H`` (``hdiag``) or ``U`` (``schur``, per ``block`` columns)."""
+    if kind == "hdiag" or U is None:
+        return torch.diag(H).to(torch.float32).clone()
+    n = U.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=U.device)
+    eye = torch.eye(block, dtype=torch.float32, device=U.device)
+    for c0 in range(0, n, block):
+        Ub = U[c0 : c0 + block, c0 : c0 + block]
+        out[c0 : c0 + block] = torch.linalg.solve_triangular(Ub, eye[: Ub.shape[0], : Ub.shape[0]], upper=True).pow(2).sum(1)
+    return out
+
+
+def _check(W: torch.Tensor, grid: Grid, name: str) -> None:
+    if W.ndim != 2:
+        raise QdllmError(f"tensor {name}: expected a 2-D weight, got shape {tuple(W.shape)}")
+    if W.shape[1] % grid.block:
+        raise QdllmError(f"tensor {name}: n_in={W.shape[1]} is not a multiple of {grid.name}'s block of {grid.block} columns")
+    if not bool(torch.isfinite(W).all()):
+        raise QdllmError(f"tensor {name}: the weight holds NaN or inf values")
+
+
+@torch.no_grad()
+def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: GridConfig, name: str = "") -> GridResult:
+    """Fit ``grid`` to ``W [n_out, n_in]`` with layer-input Hessian ``H [n_in, n_in]`` (None: no data)."""
+    _check(W, grid, name)
+    W = W.detach().to(torch.float32).clone()
+    n_out, n_in = W.shape
+    data = H is not None and cfg.rounding != "rtn"
+    U = None
+    if data and (cfg.rounding == "gptq" or cfg.importance == "schur"):
+        U = inverse_hessian_factor(H.to(W.device), W, cfg.percdamp, name)  # zeroes dead columns of W
+    imp = column_factor(H.to(W.device), U, cfg.importance, grid.block) if data else None
+    if imp is not None:
+        imp = imp / imp.mean().clamp_min(1e-30)
+    if cfg.rounding != "gptq":
+        U = None
+    W_hat = torch.empty_like(W)
+    states = []
+    for c0 in range(0, n_in, grid.block):
+        c1 = c0 + grid.block
+        W_start = W[:, c0:c1].clone()
+        ib = imp[c0:c1] if imp is not None else None
+        state = grid.init(W_start, ib)
+        T = _round_block(grid, state, W_start, None if U is None else U[c0:c1, c0:c1])
+        Q = grid.refit(state, T, ib, cfg.refit)
+        W_hat[:, c0:c1] = Q
+        states.append(state)
+        if U is not None and c1 < n_in:
+            Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], W_start - Q, upper=True, left=False)
+            W[:, c1:] -= Err @ U[c0:c1, c1:]
+    return GridResult(stored=grid.pack(states, (n_out, n_in), name), w_hat=W_hat)
+
+
+def _round_block(grid: Grid, state: Any, Wb: torch.Tensor, Ubb: torch.Tensor | None) -> torch.Tensor:
+    """GPTQ inside one block: rounds ``grid.unit`` columns at a time; returns the columns as they were
+    when rounded (the targets of the refit). Without ``Ubb`` it is plain rounding."""
+    W1 = Wb.clone()
+    B, u = Wb.shape[1], grid.unit
+    for c in range(0, B, u):
+        w = W1[:, c : c + u]
+        q = grid.round(state, c, w)
+        if Ubb is not None and c + u < B:
+            if u == 1:
+                err = (w - q) / Ubb[c, c]
+            else:
+                err = torch.linalg.solve_triangular(Ubb[c : c + u, c : c + u], w - q, upper=True, left=False)
+            W1[:, c + u :] -= err @ Ubb[c : c + u, c + u :]
+    return W1
