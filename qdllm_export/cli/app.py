@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 from rich.console import Console
 
@@ -14,13 +16,53 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-console_err = Console(stderr=True)
+# highlight=False: rich's repr highlighter colours numbers, paths and words like "q-" inside file names
+# (``q-llada`` rendered as a styled ``Q``-like token); verbs style what they mean to style.
+console = Console(highlight=False)
+console_err = Console(stderr=True, highlight=False)
+
+
+def version() -> str:
+    """The installed package version (the source tree's ``__version__`` when not installed)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version("qdllm-export")
+    except PackageNotFoundError:
+        from qdllm_export import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"qdllm-export {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Optional[bool] = typer.Option(None, "--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit."),
+) -> None:
+    """Options that come before the verb."""
 
 
 def progress():
-    """A rich progress bar on stderr (so --json output on stdout stays clean)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """A rich progress bar on stderr (so --json output on stdout stays clean).
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console_err, transient=False)
+    The short ``description`` sits left of the bar; a task's optional ``detail`` field (any length) sits at
+    the right and is cut with an ellipsis, so the bar, the counts and the ETA always stay on screen.
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.table import Column
+    from rich.text import Text
+
+    class Detail(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(str(task.fields.get("detail", "")), no_wrap=True, overflow="ellipsis")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), Detail(table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                    console=console_err, transient=False, expand=True)
