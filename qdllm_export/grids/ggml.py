@@ -1,0 +1,484 @@
+"""ggml's scalar weight grids (k-quants and the 32-wide legacy types), fitted by the grid driver.
+
+Every type here stores, per row and block, integer codes ``q`` (an index into the type's levels) and a
+few scale fields, and decodes element ``i`` of sub-block ``j`` as (see ``formats.ggml_tensor``)::
+
+    value = (d * sc_j) * lev[q_i] - dmin * m_j        float32, in this order (ggml's and gguf-py's)
+
+with ``d``, ``dmin`` fp16 per block and ``sc_j``, ``m_j`` small integers per sub-block. Types without a
+sub-scale field have ``sc = 1``; symmetric types ``dmin = m = 0``; the legacy affine types (``d*q + m``)
+are ``m_j = -1`` with ``dmin`` holding the fp16 offset (``x - (-y) == x + y`` exactly).
+
+Fit of a block (``init``), all weighted by the column importance (uniform without data):
+
+1. per sub-block, the best continuous scale (and offset) over a search of candidate ranges, each
+   re-solved by weighted least squares with its codes fixed (llama.cpp's ``make_qkx3_quants`` /
+   ``make_qx_quants``);
+2. the block's fp16 ``d`` (then ``dmin``) by a search over candidates, each scored by the weighted error
+   of the re-rounded block (llama.cpp scores the sub-scales only);
+3. coordinate descent, kept per row (and per sub-block) only where the error drops: the weighted
+   least-squares ``d``/``dmin`` with codes and sub-scales fixed, rounded to fp16; then each sub-block's
+   integer ``sc_j``/``m_j`` from its least-squares fit (floor/ceil candidates); codes re-rounded to the
+   nearest stored value after each step.
+
+``round`` picks the nearest stored value of one column under the block's parameters; ``refit`` runs
+step 3 on the rounded targets (the GPTQ-updated columns). All torch, device-agnostic, vectorised over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from formats import ggml_tensor as gt
+from formats.errors import QdllmError
+from formats.ggml_tensor import GGMLTensor
+
+SUB_RATIOS = torch.linspace(0.6, 1.3, 29).tolist()  # symmetric sub-block candidates: max|x| -> ratio * extreme level
+D_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.8, 0.75, 1.03, 1.06, 1.1)  # block scale candidates
+CD_STEPS = 3  # coordinate-descent rounds in init and refit
+
+
+@dataclass(frozen=True)
+class GGMLSpec:
+    """One scalar ggml type. ``sc_range``: the sub-scale field's integer range (None: no field, sc = 1);
+    ``m_range``: the sub-min field's range (k-quants), None for a free fp16 offset (legacy affine);
+    ``affine``: whether the type has an offset at all."""
+
+    name: str
+    ggml_type: str
+    block: int
+    sub: int
+    levels: tuple[int, ...]
+    sc_range: tuple[int, int] | None
+    m_range: tuple[int, int] | None
+    affine: bool
+    uniform: bool = True
+
+    @property
+    def n_sub(self) -> int:
+        return self.block // self.sub
+
+
+def _ints(lo: int, hi: int) -> tuple[int, ...]:
+    return tuple(range(lo, hi + 1))
+
+
+SPECS: dict[str, GGMLSpec] = {s.name: s for s in (
+    GGMLSpec("q8_0", "Q8_0", 32, 32, _ints(-128, 127), None, None, False),
+    GGMLSpec("q5_0", "Q5_0", 32, 32, _ints(-16, 15), None, None, False),
+    GGMLSpec("q4_0", "Q4_0", 32, 32, _ints(-8, 7), None, None, False),
+    GGMLSpec("iq4_nl", "IQ4_NL", 32, 32, gt.KVALUES_IQ4NL, None, None, False, uniform=False),
+    GGMLSpec("q5_1", "Q5_1", 32, 32, _ints(0, 31), None, None, True),
+    GGMLSpec("q4_1", "Q4_1", 32, 32, _ints(0, 15), None, None, True),
+    GGMLSpec("q2_k", "Q2_K", 256, 16, _ints(0, 3), (0, 15), (0, 15), True),
+    GGMLSpec("q3_k", "Q3_K", 256, 16, _ints(-4, 3), (-32, 31), None, False),
+    GGMLSpec("q4_k", "Q4_K", 256, 32, _ints(0, 15), (0, 63), (0, 63), True),
+    GGMLSpec("q5_k", "Q5_K", 256, 32, _ints(0, 31), (0, 63), (0, 63), True),
+    GGMLSpec("q6_k", "Q6_K", 256, 16, _ints(-32, 31), (-128, 127), None, False),
+)}
+
+
+@dataclass
+class GGMLState:
+    """One block's parameters for every row: ``d``, ``dmin`` [n] (fp16 values), ``sc``, ``m`` [n, S]
+    (integers), codes ``q`` [n, block] uint8 (indices into the levels)."""
+
+    d: torch.Tensor
+    dmin: torch.Tensor
+    sc: torch.Tensor
+    m: torch.Tensor
+    q: torch.Tensor
+
+
+def fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to the nearest fp16 value (kept as float32), saturating at +-65504."""
+    return x.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
+
+
+class GGMLGrid:
+    """A scalar ggml type (``SPECS``) as a driver grid: ``block`` = the ggml block, ``unit`` = 1."""
+
+    def __init__(self, spec: GGMLSpec, cd_steps: int = CD_STEPS):
+        self.spec, self.name, self.block, self.unit = spec, spec.name, spec.block, 1
+        self.ggml_type, self.cd_steps = spec.ggml_type, cd_steps
+        self._lev: dict[torch.device, torch.Tensor] = {}
+
+    def levels(self, device: torch.device) -> torch.Tensor:
+        if device not in self._lev:
+            self._lev[device] = torch.tensor(self.spec.levels, dtype=torch.float32, device=device)
+        return self._lev[device]
+
+    def bits_per_weight(self, n_in: int) -> float:
+        block, size = gt.type_info(self.ggml_type)
+        return 8.0 * size / block
+
+    # ------------------------------------------------------------------ stored values
+    def nearest(self, x: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
+        """Index (long, shape of ``x``) of the stored value ``dl*lev - ml`` nearest to ``x``; ``dl``, ``ml``
+        broadcast against ``x``. Exact: the two bracketing levels are compared in float32."""
+        lev = self.levels(x.device)
+        n = lev.numel()
+        safe = torch.where(dl == 0, torch.ones_like(dl), dl)
+        t = (x + ml) / safe
+        if self.spec.uniform:
+            i0 = (torch.floor(t) - lev[0]).clamp(0, n - 2)
+        else:
+            i0 = (torch.searchsorted(lev, t.contiguous()) - 1).clamp(0, n - 2).to(torch.float32)
+        i0 = i0.nan_to_num(0.0).long()
+        v0 = dl * lev[i0] - ml
+        v1 = dl * lev[i0 + 1] - ml
+        return i0 + ((v1 - x).abs() < (v0 - x).abs()).long()
+
+    def value(self, idx: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
+        return dl * self.levels(idx.device)[idx] - ml
+
+    def _dl_ml(self, st: GGMLState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sub-block ``d*sc`` and ``dmin*m`` [n, S] (float32 products, as ggml forms them)."""
+        return st.d[:, None] * st.sc, st.dmin[:, None] * st.m
+
+    def values(self, st: GGMLState) -> torch.Tensor:
+        """Stored values ``[n, block]`` float32 of a block."""
+        dl, ml = self._dl_ml(st)
+        n, S = st.sc.shape
+        q = st.q.long().view(n, S, -1)
+        return self.value(q, dl[..., None], ml[..., None]).view(n, -1)
+
+    # ------------------------------------------------------------------ driver protocol
+    def init(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> GGMLState:
+        """Parameters of one block ``Wb [n, block]`` float32 under column importance ``imp [block]``."""
+        X, wt = self._split(Wb, imp)
+        s, o = self._sub_fit(X, wt)
+        st = self._block_params(X, wt, s, o)
+        for _ in range(self.cd_steps):
+            self._descend(st, X, wt)
+        return st
+
+    def round(self, st: GGMLState, c: int, w: torch.Tensor) -> torch.Tensor:
+        j = c // self.spec.sub
+        dl, ml = st.d * st.sc[:, j], st.dmin * st.m[:, j]
+        idx = self.nearest(w[:, 0], dl, ml)
+        st.q[:, c] = idx.to(torch.uint8)
+        return self.value(idx, dl, ml)[:, None]
+
+    def refit(self, st: GGMLState, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
+        if refit:
+            X, wt = self._split(T, imp)
+            for _ in range(self.cd_steps):
+                self._descend(st, X, wt)
+        return self.values(st)
+
+    def pack(self, states: list[GGMLState], shape: tuple[int, int], name: str) -> GGMLTensor:
+        sp = self.spec
+        lev = np.asarray(sp.levels, dtype=np.int64)
+
+        def cat(f: str) -> np.ndarray:
+            return torch.stack([getattr(st, f) for st in states], dim=1).cpu().numpy()
+
+        q = lev[cat("q").astype(np.int64)]  # [n, nb, block]
+        d, dmin = cat("d"), cat("dmin")
+        sc, m = cat("sc").astype(np.int64), cat("m").astype(np.int64)
+        t = sp.ggml_type
+        if t in ("Q2_K", "Q4_K", "Q5_K"):
+            blocks = getattr(gt, f"pack_{sp.name}")(q, sc, m, d, dmin)
+        elif t in ("Q3_K", "Q6_K"):
+            blocks = getattr(gt, f"pack_{sp.name}")(q, sc, d)
+        elif t in ("Q4_1", "Q5_1"):
+            blocks = getattr(gt, f"pack_{sp.name}")(q, d, dmin)
+        elif t == "IQ4_NL":
+            blocks = gt.pack_iq4_nl(cat("q").astype(np.int64), d)
+        else:
+            blocks = getattr(gt, f"pack_{sp.name}")(q, d)
+        return gt.from_blocks(blocks, t, name=name)
+
+    # ------------------------------------------------------------------ fitting
+    def _split(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = Wb.shape[0]
+        S, L = self.spec.n_sub, self.spec.sub
+        wt = torch.ones(S, L, device=Wb.device) if imp is None else imp.to(torch.float32).view(S, L)
+        return Wb.to(torch.float32).reshape(n, S, L), wt[None]
+
+    def _sub_fit(self, X: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best continuous scale ``s`` and offset ``o`` [n, S] per sub-block (value = s*lev - o)."""
+        if self.spec.affine:
+            return _affine_sub_fit(X, wt, len(self.spec.levels) - 1, clamp_min=self.spec.m_range is not None)
+        return _sym_sub_fit(self, X, wt), torch.zeros(X.shape[:2], device=X.device)
+
+    def _errors(self, X: torch.Tensor, wt: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes [n, S, L] under per-sub-block ``dl``, ``ml`` [n, S] and their weighted error [n, S]."""
+        idx = self.nearest(X, dl[..., None], ml[..., None])
+        err = (wt * (self.value(idx, dl[..., None], ml[..., None]) - X).square()).sum(-1)
+        return idx, err
+
+    def _block_params(self, X: torch.Tensor, wt: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> GGMLState:
+        """Step 2: fp16 ``d`` / ``dmin`` and integer sub-fields from the continuous fit (module doc)."""
+        sp = self.spec
+        n, S, _ = X.shape
+        ones = torch.ones(n, S, device=X.device)
+        if sp.sc_range is None:  # legacy: one sub-block, the fields are the fp16 values themselves
+            d = fp16(s[:, 0])
+            dmin = fp16(-o[:, 0]) if sp.affine else torch.zeros_like(d)
+            m = -ones if sp.affine else 0 * ones
+            st = GGMLState(d, dmin, ones, m, torch.zeros(n, sp.block, dtype=torch.uint8, device=X.device))
+            st.q = self._errors(X, wt, *self._dl_ml(st))[0].view(n, -1).to(torch.uint8)
+            return st
+        lo, hi = sp.sc_range
+        if sp.affine:
+            mlo, mhi = sp.m_range
+            smax = s.amax(1)
+            d_cands = [smax / (hi * r) for r in D_RATIOS]
+        else:
+            xs = s.gather(1, s.abs().argmax(1, keepdim=True))[:, 0]  # signed largest sub-scale
+            d_cands = [xs / (lo * r) for r in D_RATIOS] + [xs / (hi * r) for r in D_RATIOS]
+        zero = torch.zeros(n, device=X.device)
+        dmin = fp16(o.amax(1) / sp.m_range[1]) if sp.affine else zero
+        best = None
+        for dc in d_cands:  # block scale, mins at their default
+            best = self._try(best, X, wt, fp16(dc), dmin, s, o)
+        if sp.affine:
+            omax = o.amax(1)
+            for r in D_RATIOS[1:]:
+                best = self._try(best, X, wt, best[1].d, fp16(omax / (mhi * r)), s, o)
+        return best[1]
+
+    def _try(self, best, X, wt, d, dmin, s, o):
+        """Score block parameters ``d``, ``dmin`` [n] with sub-fields rounded from ``s``, ``o``; keep the better per row."""
+        sp = self.spec
+        lo, hi = sp.sc_range
+        sc = torch.where(d[:, None] != 0, torch.round(s / torch.where(d == 0, 1.0, d)[:, None]), 0.0).clamp(lo, hi)
+        if sp.affine:
+            mlo, mhi = sp.m_range
+            m = torch.where(dmin[:, None] != 0, torch.round(o / torch.where(dmin == 0, 1.0, dmin)[:, None]), 0.0).clamp(mlo, mhi)
+        else:
+            m = torch.zeros_like(sc)
+        idx, err = self._errors(X, wt, d[:, None] * sc, dmin[:, None] * m)
+        n = X.shape[0]
+        st = GGMLState(d, dmin, sc, m, idx.view(n, -1).to(torch.uint8))
+        e = err.sum(1)
+        if best is None:
+            return e, st
+        better = e < best[0]
+        return torch.where(better, e, best[0]), _select(better, st, best[1])
+
+    def _descend(self, st: GGMLState, X: torch.Tensor, wt: torch.Tensor) -> None:
+        """Step 3 (module doc), in place: one round of block-scale then sub-field refits, each kept where
+        the weighted error on ``X`` drops."""
+        n = X.shape[0]
+        dl, ml = self._dl_ml(st)
+        q = st.q.long().view(X.shape)
+        cur = (wt * (self.value(q, dl[..., None], ml[..., None]) - X).square()).sum(-1)  # [n, S]
+        # (b) block scales, codes and sub-fields fixed
+        d, dmin = self._ls_block(st, X, wt, q)
+        idx, err = self._errors(X, wt, d[:, None] * st.sc, dmin[:, None] * st.m)
+        better = err.sum(1) < cur.sum(1)
+        st.d, st.dmin = torch.where(better, d, st.d), torch.where(better, dmin, st.dmin)
+        st.q = torch.where(better[:, None], idx.view(n, -1).to(torch.uint8), st.q)
+        cur = torch.where(better[:, None], err, cur)
+        if self.spec.sc_range is None:
+            return
+        # (c) each sub-block's integer fields, block scales fixed
+        q = st.q.long().view(X.shape)
+        for sc, m in self._sub_candidates(st, X, wt, q):
+            idx, err = self._errors(X, wt, st.d[:, None] * sc, st.dmin[:, None] * m)
+            b = err < cur
+            st.sc, st.m = torch.where(b, sc, st.sc), torch.where(b, m, st.m)
+            st.q = torch.where(b[..., None], idx, st.q.long().view(X.shape)).view(n, -1).to(torch.uint8)
+            cur = torch.where(b, err, cur)
+
+    def _ls_block(self, st: GGMLState, X: torch.Tensor, wt: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted least-squares ``d`` (and ``dmin``) [n] for fixed codes and sub-fields, rounded to fp16."""
+        lev = self.levels(X.device)
+        a = st.sc[..., None] * lev[q]  # value = d * a + dmin * b
+        b = (-st.m[..., None]).expand_as(a)
+        saa, sax = _wsum(a * a, wt), _wsum(a * X, wt)
+        if not self.spec.affine:
+            return fp16(torch.where(saa > 0, sax / saa.clamp_min(1e-30), st.d)), st.dmin
+        sab, sbb, sbx = _wsum(a * b, wt), _wsum(b * b, wt), _wsum(b * X, wt)
+        det = saa * sbb - sab * sab
+        ok = det > 1e-12 * (saa * sbb).clamp_min(1e-30)
+        det = torch.where(ok, det, torch.ones_like(det))
+        d = torch.where(ok, (sax * sbb - sbx * sab) / det, st.d)
+        dmin = torch.where(ok, (saa * sbx - sab * sax) / det, st.dmin)
+        return fp16(d), fp16(dmin)
+
+    def _sub_candidates(self, st: GGMLState, X: torch.Tensor, wt: torch.Tensor, q: torch.Tensor):
+        """Integer (sc, m) [n, S] candidates around each sub-block's least-squares fit for fixed codes."""
+        sp = self.spec
+        lo, hi = sp.sc_range
+        v = self.levels(X.device)[q]
+        sw, sv, svv = wt.sum(-1).expand(X.shape[:2]), (wt * v).sum(-1), (wt * v * v).sum(-1)
+        sx, svx = (wt * X).sum(-1), (wt * v * X).sum(-1)
+        dsafe = torch.where(st.d == 0, 1.0, st.d)[:, None]
+        if sp.affine:  # x = alpha * v - beta
+            det = sw * svv - sv * sv
+            ok = det > 0
+            det = torch.where(ok, det, torch.ones_like(det))
+            alpha = torch.where(ok, (sw * svx - sv * sx) / det, st.d[:, None] * st.sc)
+            beta = torch.where(ok, (sv * svx - svv * sx) / det, st.dmin[:, None] * st.m)
+            msafe = torch.where(st.dmin == 0, 1.0, st.dmin)[:, None]
+            sc_r, m_r = alpha / dsafe, beta / msafe
+            mlo, mhi = sp.m_range
+            for fs in (torch.floor, torch.ceil):
+                for fm in (torch.floor, torch.ceil):
+                    yield fs(sc_r).clamp(lo, hi), fm(m_r).clamp(mlo, mhi)
+        else:
+            alpha = torch.where(svv > 0, svx / svv.clamp_min(1e-30), st.d[:, None] * st.sc)
+            sc_r = alpha / dsafe
+            for fs in (torch.floor, torch.ceil):
+                yield fs(sc_r).clamp(lo, hi), st.m
+
+
+def _wsum(a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over sub-blocks and elements: ``[n, S, L]`` -> ``[n]``."""
+    return (a * wt).sum((1, 2))
+
+
+def _select(mask: torch.Tensor, a: GGMLState, b: GGMLState) -> GGMLState:
+    """Per row: ``a`` where ``mask`` [n] else ``b``."""
+    def w(x, y):
+        return torch.where(mask.view(-1, *([1] * (x.ndim - 1))), x, y)
+    return GGMLState(w(a.d, b.d), w(a.dmin, b.dmin), w(a.sc, b.sc), w(a.m, b.m), w(a.q, b.q))
+
+
+def _sym_sub_fit(grid: GGMLGrid, X: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """Best continuous signed scale [n, S] per sub-block of a symmetric type (value = s * lev)."""
+    lev = grid.levels(X.device)
+    xm = X.gather(-1, X.abs().argmax(-1, keepdim=True))[..., 0]  # signed largest value
+    sxx = (wt * X * X).sum(-1)
+    best_e, best_s = sxx.clone(), torch.zeros_like(sxx)  # s = 0
+    zero = torch.zeros_like(xm)[..., None]
+    for L in (float(lev[0]), float(lev[-1])):
+        for r in SUB_RATIOS:
+            s = xm / (L * r)
+            v = lev[grid.nearest(X, s[..., None], zero)]
+            svv, svx = (wt * v * v).sum(-1), (wt * v * X).sum(-1)
+            ok = svv > 0
+            e = torch.where(ok, sxx - svx * svx / svv.clamp_min(1e-30), sxx)
+            s_ls = torch.where(ok, svx / svv.clamp_min(1e-30), 0 * s)
+            better = e < best_e
+            best_e, best_s = torch.where(better, e, best_e), torch.where(better, s_ls, best_s)
+    return best_s
+
+
+def _affine_sub_fit(X: torch.Tensor, wt: torch.Tensor, nq: int, clamp_min: bool,
+                    rmin: float = -0.9, rdelta: float = 0.05, nstep: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best continuous (scale, offset) [n, S] per sub-block, value = s * q - o, q in 0..nq (llama.cpp's
+    ``make_qkx3_quants`` search, vectorised). ``clamp_min``: the offset is a min of the block (o >= 0)."""
+    mn = X.amin(-1)
+    if clamp_min:
+        mn = mn.clamp(max=0.0)
+    mx = X.amax(-1)
+    span = (mx - mn)
+    flat = span <= 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    sw, sx = wt.sum(-1).expand_as(mn), (wt * X).sum(-1)
+    best_e = torch.full_like(mn, float("inf"))
+    best_s, best_o = torch.zeros_like(mn), -mn
+    for k in range(nstep + 1):
+        iscale = (nq + rmin + rdelta * k) / span
+        q = torch.round(iscale[..., None] * (X - mn[..., None])).clamp(0, nq)
+        sq, sqq, sqx = (wt * q).sum(-1), (wt * q * q).sum(-1), (wt * q * X).sum(-1)
+        D = sw * sqq - sq * sq
+        ok = D > 0
+        Ds = torch.where(ok, D, torch.ones_like(D))
+        s = (sw * sqx - sx * sq) / Ds
+        m = (sqq * sx - sq * sqx) / Ds
+        if clamp_min:
+            pos = m > 0
+            s = torch.where(pos, sqx / sqq.clamp_min(1e-30), s)
+            m = torch.where(pos, torch.zeros_like(m), m)
+        e = (wt * (s[..., None] * q + m[..., None] - X).square()).sum(-1)
+        better = ok & (e < best_e)
+        best_e = torch.where(better, e, best_e)
+        best_s, best_o = torch.where(better, s, best_s), torch.where(better, -m, best_o)
+    best_s = torch.where(flat, torch.zeros_like(best_s), best_s.clamp_min(0.0))
+    return best_s, best_o
+
+
+def ggml_grid(name: str) -> GGMLGrid:
+    """The scalar grid of a ggml type by lowercase name (``SPECS``)."""
+    try:
+        return GGMLGrid(SPECS[name])
+    except KeyError:
+        raise QdllmError(f"unknown scalar ggml grid {name!r}; known: {', '.join(SPECS)}") from None
+
+
+class F16Grid:
+    """Plain fp16 (``F16``), the last fallback: one block of the whole row, rounded at once."""
+
+    ggml_type = "F16"
+
+    def __init__(self, n_in: int):
+        self.name, self.block, self.unit = "f16", int(n_in), int(n_in)
+
+    def bits_per_weight(self, n_in: int) -> float:
+        return 16.0
+
+    def init(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> dict:
+        return {}
+
+    def round(self, st: dict, c: int, w: torch.Tensor) -> torch.Tensor:
+        st["w"] = fp16(w)
+        return st["w"]
+
+    def refit(self, st: dict, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
+        return st["w"]
+
+    def pack(self, states: list[dict], shape: tuple[int, int], name: str) -> GGMLTensor:
+        w = torch.cat([st["w"] for st in states], dim=1).cpu().numpy().astype(np.float16)
+        return GGMLTensor(shape, "F16", np.ascontiguousarray(w).view(np.uint8), name=name)
+
+
+def _lib(ggml_type: str, name: str):
+    from qdllm_export.grids.libggml import LibGGMLGrid
+
+    return lambda: LibGGMLGrid(ggml_type, name)
+
+
+LATTICE = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_s")
+
+# lowercase type name -> zero-argument Grid factory. Ours: the scalar types (``SPECS``). ggml's own
+# encoder through libggml (llama-cpp-python): the lattice types, and every scalar type as ``ggml-<name>``
+# (llama.cpp's quantizer with our importance as its imatrix: the reference ours are measured against).
+GGML_GRIDS: dict[str, Callable[[], Any]] = {
+    **{name: partial(GGMLGrid, spec) for name, spec in SPECS.items()},
+    **{name: _lib(name.upper(), name) for name in LATTICE},
+    **{f"ggml-{name}": _lib(spec.ggml_type, f"ggml-{name}") for name, spec in SPECS.items()},
+}
+
+# llama.cpp's fallback for a row length its type's block does not divide (llama-quant.cpp,
+# ``llama_tensor_get_type``): the 2-3 bit k-quants and i-quants -> iq4_nl, q4_k -> q5_0, q5_k -> q5_1,
+# q6_k -> q8_0; and f16 when even the 32-wide fallback does not divide the row.
+FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", **{n: "iq4_nl" for n in LATTICE},
+            "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def grid_block(name: str) -> int:
+    """The block (along n_in) of a registered type."""
+    base = name.removeprefix("ggml-")
+    return SPECS[base].block if base in SPECS else 256
+
+
+def fallback_type(name: str, n_in: int) -> str:
+    """The type a tensor with rows of ``n_in`` gets when ``name`` is asked for: ``name`` itself when its
+    block divides ``n_in``, else llama.cpp's fallback (``FALLBACK``), else ``"f16"``."""
+    if name not in GGML_GRIDS:
+        raise QdllmError(f"unknown ggml type {name!r}; supported: {', '.join(GGML_GRIDS)}")
+    if n_in % grid_block(name) == 0:
+        return name
+    prefix = "ggml-" if name.startswith("ggml-") else ""
+    fb = FALLBACK.get(name.removeprefix("ggml-"))
+    if fb is not None and n_in % grid_block(fb) == 0:
+        return prefix + fb
+    return "f16"
+
+
+def grid_for(name: str, n_in: int):
+    """The grid that quantizes a linear with rows of ``n_in`` when type ``name`` is asked for (after the
+    fallback of :func:`fallback_type`; ``grid.name`` says which type it is)."""
+    t = fallback_type(name, n_in)
+    return F16Grid(n_in) if t == "f16" else GGML_GRIDS[t]()
