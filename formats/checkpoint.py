@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +91,18 @@ class QuantizedCheckpointWriter:
     """
 
     def __init__(self, folder: str | Path, source_folder: str | Path, n_shards: int, force: bool = False):
-        self.folder = Path(folder)
-        if self.folder.exists() and not force:
-            raise QdllmError(f"{self.folder}: already exists; choose another output folder or pass --force")
-        self.tmp = self.folder.with_name(self.folder.name + ".partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        src = Path(source_folder)
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, self.tmp / f.name)
+        from formats.outputs import check_output_folder
+
+        self.folder = check_output_folder(folder, force)  # replaces only a quantized checkpoint of ours
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".partial", dir=self.folder.parent))
+        try:
+            for f in Path(source_folder).iterdir():
+                if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                    shutil.copy2(f, self.tmp / f.name)
+        except BaseException:  # an interrupt or a full disk while copying: leave nothing behind
+            self.abort()
+            raise
         self.n_shards = n_shards
         self.shard = 0
         self.weight_map: dict[str, str] = {}
@@ -124,9 +126,13 @@ class QuantizedCheckpointWriter:
             raise QdllmError(f"{self.folder}: wrote {self.shard} shards, expected {self.n_shards}")
         index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        record = {"format_version": FORMAT_VERSION, **record}
+        files = sorted(p.name for p in self.tmp.iterdir()) + [RECORD]
+        record = {"format_version": FORMAT_VERSION, **record, "files": files}  # what --force may later replace
         (self.tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
         if self.folder.exists():
+            from formats.outputs import check_output_folder
+
+            check_output_folder(self.folder, True)  # still ours (nothing was added while we worked)
             shutil.rmtree(self.folder)
         os.replace(self.tmp, self.folder)
 

@@ -14,10 +14,8 @@ class FormatError(QdllmError):
 
 
 def check_output_path(path: str | Path, overwrite: bool) -> Path:
-    """An output file path that may be written: refused when it exists (unless ``overwrite``) or its folder is missing."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise QdllmError(f"{path}: already exists; pass --force (overwrite=True) or choose another name")
-    if not path.parent.is_dir():
-        raise QdllmError(f"{path}: folder {path.parent} does not exist")
-    return path
+    """An output file path that may be written: refused when it exists (unless ``overwrite`` and it is a file
+    qdllm-export wrote, see ``formats.outputs``) or its folder is missing."""
+    from formats.outputs import check_output_file
+
+    return check_output_file(path, overwrite)

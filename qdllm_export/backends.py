@@ -1,18 +1,20 @@
 """Open any MODEL argument as a ``runtime_ref.backend.Backend``.
 
 MODEL is a bundled model's name (``tiny-llada``), a Hugging Face checkpoint folder, a quantized
-checkpoint folder (``quantize`` output), a ``.gguf`` file or a ``.onnx`` file.
+checkpoint folder (``quantize`` output), a ``.gguf`` file or a ``.onnx`` file. torch is imported only
+when a checkpoint folder is run, so the verbs on a .gguf / .onnx file start without it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from formats.errors import QdllmError
+from formats.families import HParams
 from formats.qtensor import QuantizedTensor
 from formats.tensors import HFTensors, TensorSource, canonical_names
 from formats.tokenizer import load_tokenizer
@@ -62,10 +64,12 @@ class TorchBackend:
     def checkpoint_tensors(self) -> TensorSource:
         return self.source_tensors
 
-    @torch.no_grad()
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
-        out = self.model(t).float().cpu().numpy()
+        import torch
+
+        with torch.no_grad():
+            t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+            out = self.model(t).float().cpu().numpy()
         return shift_right(out) if self.hparams.spec.shift_logits else out
 
     def describe(self) -> dict[str, Any]:
@@ -104,18 +108,60 @@ def describe_model(model: str) -> dict[str, Any]:
     return open_model(model).describe()
 
 
+def model_kind(path: Path) -> str:
+    """``"gguf"``, ``"onnx"`` or ``"folder"`` for a resolved MODEL path."""
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix in (".gguf", ".onnx"):
+        return suffix[1:]
+    raise QdllmError(f"{path}: unknown file type; expected a .gguf or .onnx file or a checkpoint folder")
+
+
 def open_model(model: str, dtype: str = "float32", device: str = "cpu") -> Backend:
     """Any MODEL argument as a Backend."""
     p = resolve(model)
-    if p.is_file():
-        suffix = p.suffix.lower()
-        if suffix == ".gguf":
-            from runtime_ref.gguf_model import GGUFBackend
+    kind = model_kind(p)
+    if kind == "gguf":
+        from runtime_ref.gguf_model import GGUFBackend
 
-            return GGUFBackend(p)
-        if suffix == ".onnx":
-            from runtime_ref.ort import OrtBackend
+        return GGUFBackend(p)
+    if kind == "onnx":
+        from runtime_ref.ort import OrtBackend
 
-            return OrtBackend(p)
-        raise QdllmError(f"{p}: unknown file type; expected a .gguf or .onnx file or a checkpoint folder")
+        return OrtBackend(p)
     return TorchBackend(open_source(model), p, dtype, device)
+
+
+@dataclass
+class ModelHeader:
+    """What MODEL is, read without loading its weights: enough to check options before any load."""
+
+    model: str  # the argument as given
+    kind: str  # "folder" | "gguf" | "onnx"
+    source: str  # the resolved path
+    hparams: HParams
+    tokenizer: Any  # tokenizers.Tokenizer or None
+    opened: Any = None  # the Backend itself when opening it costs nothing (a memory-mapped GGUF)
+
+    def open(self, dtype: str = "float32", device: str = "cpu") -> Backend:
+        """The model as a Backend (this is where PyTorch or onnxruntime load the weights)."""
+        return self.opened if self.opened is not None else open_model(self.model, dtype, device)
+
+
+def read_header(model: str) -> ModelHeader:
+    """The family, hyper-parameters and tokenizer of any MODEL argument, no weights loaded."""
+    p = resolve(model)
+    kind = model_kind(p)
+    if kind == "gguf":
+        be = open_model(model)  # memory-mapped; nothing is decoded until the first forward
+        return ModelHeader(model, kind, be.source, be.hparams, be.tokenizer, opened=be)
+    if kind == "onnx":
+        from formats.onnx import read_onnx_info
+        from runtime_ref.ort import _tokenizer
+
+        info = read_onnx_info(p)
+        return ModelHeader(model, kind, str(p), info.hparams, _tokenizer(info.tokenizer_json, str(p)))
+    src = open_source(model)
+    tok = load_tokenizer(p) if (p / "tokenizer.json").is_file() else None
+    return ModelHeader(model, kind, str(p), src.hparams, tok)

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 
 from formats.errors import QdllmError
-from qdllm_export.cli.common import DREAM_ALGS, LLADA_REMASKING, sample
 from runtime_ref.backend import Backend
+from runtime_ref.sampler import DREAM_ALGS, LLADA_REMASKING, sample
+
+PROMPT_LEN = 8  # tokens of the seeded prompt the greedy generations start from
 
 
 @dataclass
@@ -91,18 +93,24 @@ def reference_for(ref: Backend, other: Backend) -> tuple[Backend, str]:
     return TorchBackend(overlay, ref.folder, device=ref.device), f"{ref.source} + quantized planes of {other.source}"
 
 
-def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_seq: int, seq_len: int, seed: int,
-                 gen_length: int, rtol: float, min_agree: float, prompt: np.ndarray | None = None,
-                 progress=None) -> list[FileReport]:
+def check_comparable(ref: Any, others: list[Any]) -> None:
+    """Refuse models of another architecture than ``ref`` (anything with ``hparams`` and ``source``)."""
     hp = ref.hparams
     for b in others:
         if (b.hparams.family, b.hparams.n_vocab, b.hparams.d_model, b.hparams.n_layers) != (hp.family, hp.n_vocab, hp.d_model, hp.n_layers):
             raise QdllmError(f"{b.source}: a {b.hparams.family} model of d_model {b.hparams.d_model}, "
                              f"{b.hparams.n_layers} layers, vocab {b.hparams.n_vocab} cannot be compared with "
                              f"{ref.source} ({hp.family}, {hp.d_model}, {hp.n_layers}, {hp.n_vocab})")
+
+
+def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_seq: int, seq_len: int, seed: int,
+                 gen_length: int, rtol: float, min_agree: float, prompt: np.ndarray | None = None,
+                 progress=None) -> list[FileReport]:
+    hp = ref.hparams
+    check_comparable(ref, others)
     inputs = masked_inputs(ref, ratios, n_seq, seq_len, seed)
     if prompt is None:
-        prompt = masked_inputs(ref, [0.0], 1, 8, seed + 1)[0]
+        prompt = masked_inputs(ref, [0.0], 1, PROMPT_LEN, seed + 1)[0]
     block = gen_length // 2 if gen_length % 2 == 0 else gen_length
     opts_base = dict(gen_length=gen_length, steps=gen_length, block_length=block, temperature=0.0, seed=seed)
     cache: dict[str, tuple[list[np.ndarray], dict[str, np.ndarray]]] = {}

@@ -37,12 +37,19 @@ Deliberate departures, none of which changes a greedy result:
   ``logits_eos_inf`` / ``confidence_eos_eot_inf`` tricks are not offered.
 """
 
+from __future__ import annotations
 
+from typing import Any, Mapping
+
+import numpy as np
+
+from runtime_ref.backend import Backend, LogitsFn
 from runtime_ref.sampler_dream import dream_generate, dream_timesteps
 from runtime_ref.sampler_llada import get_num_transfer_tokens, llada_generate
-from runtime_ref.sampling import DREAM_ALGS, LLADA_REMASKING
+from runtime_ref.sampling import DREAM_ALGS, LLADA_REMASKING, Progress
 
 __all__ = [
+    "sample",
     "llada_generate",
     "dream_generate",
     "get_num_transfer_tokens",
@@ -50,3 +57,28 @@ __all__ = [
     "LLADA_REMASKING",
     "DREAM_ALGS",
 ]
+
+
+def sample(backend: Backend, prompt: np.ndarray, opts: Mapping[str, Any], progress: Progress = None,
+           logits_fn: LogitsFn | None = None) -> np.ndarray:
+    """Run the family's sampler on ``backend``; returns the generated ids only, int64 ``[B, gen_length]``.
+
+    ``prompt``: int64 ``[B, Lp]``. ``opts``: ``gen_length`` (required), ``steps`` (default gen_length),
+    ``temperature``, ``seed``; LLaDA: ``block_length`` (default gen_length), ``remasking``, ``cfg_scale``;
+    Dream: ``alg`` (default entropy), ``alg_temp``, ``top_p``, ``top_k``. Options of the other family are
+    ignored. ``logits_fn`` replaces ``backend.logits``.
+    """
+    hp = backend.hparams
+    fn = logits_fn or backend.logits
+    gen = int(opts["gen_length"])
+    steps = int(opts.get("steps") or gen)
+    common = dict(mask_id=hp.mask_token_id, steps=steps, temperature=float(opts.get("temperature") or 0.0),
+                  seed=int(opts.get("seed") or 0), progress=progress)
+    if hp.family == "llada":
+        out = llada_generate(fn, prompt, gen_length=gen, block_length=int(opts.get("block_length") or gen),
+                             cfg_scale=float(opts.get("cfg_scale") or 0.0),
+                             remasking=opts.get("remasking") or "low_confidence", **common)
+    else:
+        out = dream_generate(fn, prompt, max_new_tokens=gen, alg=opts.get("alg") or "entropy",
+                             alg_temp=opts.get("alg_temp"), top_p=opts.get("top_p"), top_k=opts.get("top_k"), **common)
+    return out[:, prompt.shape[1]:]

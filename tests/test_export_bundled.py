@@ -81,6 +81,10 @@ def test_cli_gguf_refuses_existing(cli, exported, tmp_path):
     out.write_bytes(b"keep")
     code, _, err = cli("gguf", q, out)
     assert code != 0 and "--force" in err and out.read_bytes() == b"keep"
+    code, _, err = cli("gguf", q, out, "--force")  # --force replaces only files qdllm-export wrote
+    assert code == 2 and "not a file qdllm-export wrote" in err and out.read_bytes() == b"keep"
+    out.unlink()
+    assert cli("gguf", q, out)[0] == 0
     code, stdout, _ = cli("gguf", q, out, "--force", "--json")
     assert code == 0 and json.loads(stdout)["format"] == "gguf"
     assert not list(tmp_path.glob(".*tmp*"))

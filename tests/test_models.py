@@ -8,7 +8,7 @@ import torch
 
 from formats.tensors import HFTensors
 from qdllm_export.backends import TorchBackend, open_model
-from qdllm_export.cli.common import sample
+from runtime_ref.sampler import sample
 from qdllm_export.models import load_model
 from runtime_ref.forward import forward, forward_aligned
 

@@ -120,7 +120,7 @@ def test_mcs_scheme():
 
 
 def _no_output(path):
-    assert not path.exists() and not path.with_name(path.name + ".partial").exists()
+    assert not path.exists() and not list(path.parent.glob(f".{path.name}.*.partial"))
 
 
 def test_bad_group_size(cli, tmp_path, calib_file):
@@ -155,6 +155,10 @@ def test_existing_output(cli, tmp_path, calib_file):
     (out / "keep.txt").write_text("mine")
     code, _, err = cli("quantize", src, out, "--calib", calib_file, "--calib-samples", "4", "--seq-len", "32")
     assert code != 0 and "--force" in err and (out / "keep.txt").read_text() == "mine"
-    code, outp, _ = cli("quantize", src, out, "--calib", calib_file, "--calib-samples", "4", "--seq-len", "32",
-                        "--method", "rtn", "--force", "--json")
-    assert code == 0 and json.loads(outp)["bits_per_weight_linear"] > 2 and not (out / "keep.txt").exists()
+    code, _, err = cli("quantize", src, out, "--calib", calib_file, "--calib-samples", "4", "--seq-len", "32", "--force")
+    assert code != 0 and "did not write" in err and (out / "keep.txt").read_text() == "mine"  # not ours: kept
+    (out / "keep.txt").unlink()
+    args = ("quantize", src, out, "--calib", calib_file, "--calib-samples", "4", "--seq-len", "32", "--method", "rtn")
+    assert cli(*args)[0] == 0  # an empty folder may be used
+    code, outp, _ = cli(*args, "--force", "--json")  # our own checkpoint: replaced
+    assert code == 0 and json.loads(outp)["bits_per_weight_linear"] > 2

@@ -1,4 +1,4 @@
-"""Helpers shared by verbs: prompts, the generation call, token text."""
+"""Helpers shared by verbs: the prompt's token ids and the text of token ids."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ from typing import Any
 import numpy as np
 
 from formats.errors import QdllmError
-from runtime_ref.backend import Backend
-
-LLADA_REMASKING = ("low_confidence", "random")
-DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
-def prompt_ids(backend: Backend, prompt: str | None, ids: str | None) -> np.ndarray:
-    """The prompt as int64 ``[1, Lp]``: ``--prompt-ids 1,2,3`` verbatim, or text encoded with BOS first."""
+def prompt_ids(backend: Any, prompt: str | None, ids: str | None) -> np.ndarray:
+    """The prompt as int64 ``[1, Lp]``: ``--prompt-ids 1,2,3`` verbatim, or text encoded with BOS first.
+
+    ``backend``: a Backend or a ``ModelHeader`` (anything with ``hparams``, ``tokenizer`` and ``source``)."""
     hp = backend.hparams
     if ids:
         try:
@@ -31,36 +29,12 @@ def prompt_ids(backend: Backend, prompt: str | None, ids: str | None) -> np.ndar
         raise QdllmError("the prompt is empty; give --prompt TEXT or --prompt-ids")
     bad = [t for t in out if not 0 <= t < hp.n_vocab]
     if bad:
-        raise QdllmError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {hp.n_vocab})")
+        raise QdllmError(f"--prompt-ids: {bad[:5]} lie outside the vocabulary [0, {hp.n_vocab}) of {backend.source}")
     return np.asarray([out], dtype=np.int64)
 
 
-def sample(backend: Backend, prompt: np.ndarray, opts: dict[str, Any], progress=None, logits_fn=None) -> np.ndarray:
-    """Run the family's sampler; returns the generated ids ``[B, gen_length]`` only."""
-    from runtime_ref.sampler import dream_generate, llada_generate
-
-    hp = backend.hparams
-    fn = logits_fn or backend.logits
-    gen = int(opts["gen_length"])
-    steps = int(opts.get("steps") or gen)
-    if hp.family == "llada":
-        if opts.get("remasking", "low_confidence") not in LLADA_REMASKING:
-            raise QdllmError(f"--remasking must be one of {', '.join(LLADA_REMASKING)}")
-        out = llada_generate(fn, prompt, mask_id=hp.mask_token_id, steps=steps, gen_length=gen,
-                             block_length=int(opts.get("block_length") or gen), temperature=float(opts.get("temperature", 0.0)),
-                             cfg_scale=float(opts.get("cfg_scale", 0.0)), remasking=opts.get("remasking", "low_confidence"),
-                             seed=int(opts.get("seed", 0)), progress=progress)
-    else:
-        alg = opts.get("alg") or "entropy"
-        if alg not in DREAM_ALGS:
-            raise QdllmError(f"--alg must be one of {', '.join(DREAM_ALGS)}")
-        out = dream_generate(fn, prompt, mask_id=hp.mask_token_id, max_new_tokens=gen, steps=steps, alg=alg,
-                             alg_temp=opts.get("alg_temp"), temperature=float(opts.get("temperature", 0.0)),
-                             top_p=opts.get("top_p"), top_k=opts.get("top_k"), seed=int(opts.get("seed", 0)), progress=progress)
-    return out[:, prompt.shape[1]:]
-
-
-def decode(backend: Backend, ids: np.ndarray) -> str | None:
+def decode(backend: Any, ids: np.ndarray) -> str | None:
+    """The text of int ids ``[L]``, special tokens kept; None when the model carries no tokenizer."""
     if backend.tokenizer is None:
         return None
     return backend.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)

@@ -9,8 +9,9 @@ from typing import Any, Optional
 
 import typer
 
-from qdllm_export.cli.app import app, console
-from qdllm_export.cli.export import closing_table, export_source, with_quant_options
+from qdllm_export.cli import checks
+from qdllm_export.cli.app import app
+from qdllm_export.cli.export import export_source, print_closing, with_quant_options
 
 
 @app.command("gguf")
@@ -19,8 +20,8 @@ def gguf_(
     model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or tiny-llada / tiny-dream."),
     out: Path = typer.Argument(..., help="Output .gguf path (written to a temporary file, renamed at the end)."),
     outtype: str = typer.Option("quantized", help="quantized (binary planes, needs qdllm kernels) | f32 | f16 (plain GGUF for stock llama.cpp)."),
-    embed_type: Optional[str] = typer.Option(None, help="Type of token_embd / output: f16 (default) | f32 | q8_0."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
+    embed_type: Optional[str] = typer.Option(None, callback=checks.one_of("f16", "f32", "q8_0"), help="Type of token_embd / output: f16 (default) | f32 | q8_0."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a GGUF or ONNX file this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     q: Any = None,
 ) -> None:
@@ -35,4 +36,4 @@ def gguf_(
     if as_json:
         print(json.dumps({**info, "seconds": time.time() - t0}))
     else:
-        console.print(closing_table(info, time.time() - t0))
+        print_closing(info, time.time() - t0)

@@ -10,9 +10,12 @@ import typer
 from rich.table import Table
 
 from formats.errors import QdllmError
+from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, console, progress
 
 METHOD_HELP = "quant-dllm (MCS + DAQ + ABMP) | gptq | rtn."
+CLI_FIELDS = ("method", "bits", "group_size", "abmp", "abmp_ratio", "iters", "seed", "calib_samples", "seq_len",
+              "prefix_ratio")  # QuantConfig / CalibConfig fields that are also flags
 
 
 def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_size: int, calib: Optional[Path],
@@ -30,19 +33,22 @@ def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_s
         if not torch.cuda.is_available():
             raise QdllmError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
     folder = resolve(model)
-    qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, abmp=abmp, abmp_ratio=abmp_ratio,
-                       data_aware=data_aware, iters=iters, seed=seed)
-    ccfg = CalibConfig(path=str(calib) if calib else None, n_samples=calib_samples, seq_len=seq_len, mcs=mcs,
-                       prefix_ratio=prefix_ratio, seed=seed)
+    try:
+        qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, abmp=abmp, abmp_ratio=abmp_ratio,
+                           data_aware=data_aware, iters=iters, seed=seed)
+        ccfg = CalibConfig(path=str(calib) if calib else None, n_samples=calib_samples, seq_len=seq_len, mcs=mcs,
+                           prefix_ratio=prefix_ratio, seed=seed)
+    except QdllmError as e:  # the configs name their fields; the user typed flags
+        raise QdllmError(checks.flag_names(str(e), CLI_FIELDS)) from None
     check_quantizable(folder, group_size)
     with progress() as bar:
         task = bar.add_task("quantizing", total=None)
 
         def on_layer(i: int, n: int, what: str) -> None:
-            bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}: {what}")
+            bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}", detail=what)
 
         result, record = quantize_checkpoint(folder, out_dir, qcfg, ccfg, device=device, force=force, on_layer=on_layer)
-        bar.update(task, description="done")
+        bar.update(task, description="done", detail="")
     return result, record
 
 
@@ -60,22 +66,25 @@ def quantize(
     out_dir: Path = typer.Argument(..., help="Output folder for the quantized checkpoint (must not exist unless --force)."),
     method: str = typer.Option("quant-dllm", help=METHOD_HELP),
     bits: float = typer.Option(2.0, help="Budget: mean binary planes per block for quant-dllm (e.g. 1.5, 2, 3); integer bits for rtn/gptq."),
-    group_size: int = typer.Option(128, help="Columns per block; every linear's n_in must divide by it."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text or JSONL file (default: bundled Shakespeare train text)."),
-    calib_samples: int = typer.Option(128, help="Number of calibration windows."),
-    seq_len: int = typer.Option(256, help="Tokens per calibration window."),
+    group_size: int = typer.Option(128, min=8, help="Columns per block (a multiple of 8); every linear's n_in must divide by it."),
+    calib: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Calibration text or JSONL file (default: bundled Shakespeare train text)."),
+    calib_samples: int = typer.Option(128, min=1, help="Number of calibration windows."),
+    seq_len: int = typer.Option(256, min=2, help="Tokens per calibration window."),
     mcs: bool = typer.Option(True, "--mcs/--no-mcs", help="Masked Calibration Simulation (off: plain unmasked text, the ablation)."),
-    prefix_ratio: float = typer.Option(0.25, help="MCS: fraction of each window kept visible."),
+    prefix_ratio: float = typer.Option(0.25, callback=checks.between(0.0, 1.0, high_open=True), help="MCS: fraction of each window kept visible, in [0, 1)."),
     abmp: bool = typer.Option(True, "--abmp/--no-abmp", help="Quant-dLLM: adaptive blockwise mixed precision."),
-    abmp_ratio: float = typer.Option(0.05, help="ABMP: fraction of blocks promoted to K+1 / demoted to K-1 planes."),
+    abmp_ratio: float = typer.Option(0.05, min=0.0, max=0.5, help="ABMP: fraction of blocks promoted to K+1 / demoted to K-1 planes."),
     data_aware: bool = typer.Option(True, "--data-aware/--no-data-aware", help="Quant-dLLM: data-aware (DOR) weighting."),
-    iters: int = typer.Option(15, help="Quant-dLLM: alternating re-scaling / re-rounding iterations."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
-    seed: int = typer.Option(0, help="Seed of calibration masks and quantizer."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR."),
+    iters: int = typer.Option(15, min=0, help="Quant-dLLM: alternating re-scaling / re-rounding iterations."),
+    device: str = typer.Option("cpu", callback=checks.device_option, help="cpu | cuda."),
+    seed: int = typer.Option(0, min=0, help="Seed of calibration masks and quantizer."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is a quantized checkpoint this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Quantize every linear of the transformer blocks; embeddings and head stay in their source dtype."""
+    from qdllm_export.backends import resolve
+
+    checks.output_folder(out_dir, force, [resolve(model), calib])
     result, record = run_quantize(model, out_dir, method=method, bits=bits, group_size=group_size, calib=calib,
                                   calib_samples=calib_samples, seq_len=seq_len, mcs=mcs, prefix_ratio=prefix_ratio,
                                   abmp=abmp, abmp_ratio=abmp_ratio, data_aware=data_aware, iters=iters, device=device,

@@ -4,40 +4,57 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import List
+from typing import List, Optional
 
 import typer
 from rich.table import Table
 
+from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, console, progress
+from qdllm_export.verify import FileReport
+
+
+def failures(rep: FileReport, rtol: float, min_agree: float) -> list[str]:
+    """Why ``rep`` failed, one phrase per broken tolerance, naming the flag that sets it."""
+    out = []
+    if rep.worst_rel > rtol:
+        out.append(f"rel err {rep.worst_rel:.2e} > --rtol {rtol:g}")
+    if rep.min_agree < min_agree:
+        out.append(f"argmax agree {rep.min_agree:.4f} < --min-agree {min_agree:g}")
+    out += [f"{g.algorithm} differs at token {g.first_diff}" for g in rep.generation if not g.identical]
+    return out
 
 
 @app.command()
 def verify(
     ref: str = typer.Argument(..., help="Reference: checkpoint folder or quantized checkpoint folder (run in PyTorch), or any model."),
     files: List[str] = typer.Argument(..., help="Files to check against REF: .gguf, .onnx, folders."),
-    mask_ratios: str = typer.Option("0.15,0.5,0.9", help="Comma-separated mask ratios of the seeded test inputs."),
-    n_seq: int = typer.Option(2, help="Sequences per mask ratio."),
-    seq_len: int = typer.Option(64, help="Tokens per test sequence."),
-    gen_length: int = typer.Option(16, help="Tokens generated per sampler algorithm (greedy, one per step)."),
-    rtol: float = typer.Option(1e-4, help="Largest allowed max|logit diff| / max|ref logit|."),
-    min_agree: float = typer.Option(0.99, help="Smallest allowed fraction of positions with the same argmax."),
-    seed: int = typer.Option(0, help="Seed of the test inputs and stochastic samplers."),
-    device: str = typer.Option("cpu", help="PyTorch device of the reference."),
+    mask_ratios: str = typer.Option("0.15,0.5,0.9", help="Comma-separated mask ratios in [0, 1] of the seeded test inputs."),
+    n_seq: int = typer.Option(2, min=1, help="Sequences per mask ratio."),
+    seq_len: int = typer.Option(64, min=2, help="Tokens per test sequence."),
+    gen_length: int = typer.Option(16, min=1, help="Tokens generated per sampler algorithm (greedy, one per step)."),
+    rtol: float = typer.Option(1e-4, min=0.0, help="Largest allowed max|logit diff| / max|ref logit|."),
+    min_agree: float = typer.Option(0.99, min=0.0, max=1.0, help="Smallest allowed fraction of positions with the same argmax."),
+    seed: int = typer.Option(0, min=0, help="Seed of the test inputs and stochastic samplers."),
+    device: Optional[str] = typer.Option(None, callback=checks.device_option, help="PyTorch device of a checkpoint-folder REF: cpu (default) | cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Compare logits (max abs / relative error, argmax agreement) and greedy generations of each FILE with REF.
     Exits 1 when a tolerance is broken."""
-    from formats.errors import QdllmError
-    from qdllm_export.backends import open_model
-    from qdllm_export.verify import report_dict, verify_files
+    from qdllm_export.backends import read_header
+    from qdllm_export.verify import PROMPT_LEN, check_comparable, report_dict, verify_files
 
-    try:
-        ratios = [float(r) for r in mask_ratios.split(",") if r.strip()]
-    except ValueError:
-        raise QdllmError(f"--mask-ratios {mask_ratios!r}: expected numbers like 0.15,0.5,0.9") from None
-    reference = open_model(ref, "float32", device)
-    backends = [open_model(f) for f in files]
+    ratios = checks.float_list("--mask-ratios", mask_ratios, 0.0, 1.0)
+    head = read_header(ref)
+    checks.torch_only(head.kind, head.model, {"--device": device})
+    checks.fits_context(head.hparams, head.model, "--seq-len", seq_len, most=head.hparams.context_length)
+    checks.fits_context(head.hparams, head.model, "--gen-length", PROMPT_LEN + gen_length,
+                        f"the test prompt ({PROMPT_LEN} tokens) + {gen_length} new tokens",
+                        most=head.hparams.context_length - PROMPT_LEN)
+    heads = [read_header(f) for f in files]  # every file is read (and checked) before any model loads
+    check_comparable(head, heads)
+    reference = head.open("float32", device or "cpu")
+    backends = [h.open() for h in heads]
     with progress() as bar:
         task = bar.add_task("verifying", total=len(files))
         reports = verify_files(reference, backends, ratios=ratios, n_seq=n_seq, seq_len=seq_len, seed=seed,
@@ -46,18 +63,28 @@ def verify(
     settings = dict(mask_ratios=ratios, n_seq=n_seq, seq_len=seq_len, gen_length=gen_length, rtol=rtol,
                     min_agree=min_agree, seed=seed)
     out = report_dict(reference, reports, settings)
+    for entry, r in zip(out["files"], reports):
+        entry["failures"] = failures(r, rtol, min_agree)
     if as_json:
         print(json.dumps(out))
     else:
-        t = Table("file", "mask ratio", "max abs err", "rel err", "argmax agree", title=f"logits vs {reference.source}")
-        for r in reports:
-            for c in r.logits:
-                t.add_row(r.path, f"{c.mask_ratio:g}", f"{c.max_abs:.2e}", f"{c.rel:.2e}", f"{c.argmax_agree:.4f}")
-        console.print(t)
-        g = Table("file", *[c.algorithm for c in reports[0].generation], "result", title=f"greedy generation, {gen_length} tokens")
-        for r in reports:
-            g.add_row(r.path, *["identical" if c.identical else f"differs at {c.first_diff}" for c in r.generation],
-                      "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
-        console.print(g)
+        print_tables(reference.source, reports, gen_length, rtol, min_agree)
     if not out["passed"]:
         sys.exit(1)
+
+
+def print_tables(ref: str, reports: list[FileReport], gen_length: int, rtol: float, min_agree: float) -> None:
+    """The logits table, the generation table, and one line per failed file saying which tolerance broke."""
+    t = Table("file", "mask ratio", "max abs err", "rel err", "argmax agree", title=f"logits vs {ref}")
+    for r in reports:
+        for c in r.logits:
+            t.add_row(r.path, f"{c.mask_ratio:g}", f"{c.max_abs:.2e}", f"{c.rel:.2e}", f"{c.argmax_agree:.4f}")
+    console.print(t)
+    g = Table("file", *[c.algorithm for c in reports[0].generation], "result", title=f"greedy generation, {gen_length} tokens")
+    for r in reports:
+        g.add_row(r.path, *["identical" if c.identical else f"differs at {c.first_diff}" for c in r.generation],
+                  "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
+    console.print(g)
+    for r in reports:
+        if not r.passed:
+            console.print(f"[red]FAIL[/] {r.path}: {'; '.join(failures(r, rtol, min_agree))}", soft_wrap=True)

@@ -1,0 +1,117 @@
+"""Which files and folders qdllm-export wrote, so that overwriting (``--force``) never destroys anything else.
+
+Each output kind is recognised by its contents, not its name: a GGUF file by the ``qdllm.*`` metadata every
+qdllm GGUF carries, an ONNX file by its ``qdllm.format`` metadata (and its external data file by being named in
+that file), a quantized checkpoint folder by its ``qdllm_quant.json`` record and nothing in it that the
+writer did not put there. A new output kind adds its recogniser here. NumPy-free, torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from formats.errors import QdllmError
+
+GGUF_MAGIC = b"GGUF"
+QDLLM_GGUF_KEY = "qdllm.format_version"
+
+
+def own_gguf(path: Path) -> bool:
+    """True when ``path`` is a GGUF file with the ``qdllm.format_version`` key every qdllm writer adds."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                return False
+        from formats.gguf_container import parse_gguf
+
+        _, meta, _, _ = parse_gguf(path)
+    except (OSError, QdllmError, ValueError):
+        return False
+    return QDLLM_GGUF_KEY in meta
+
+
+def own_onnx(path: Path) -> tuple[bool, list[str]]:
+    """(written by qdllm-export, names of its external data files) for an ONNX file."""
+    try:
+        from formats.onnx import FORMAT
+        from formats.onnx_proto import scan_model
+
+        scan = scan_model(path)
+    except (OSError, QdllmError, ValueError, ImportError):
+        return False, []
+    if scan.metadata.get("qdllm.format") != FORMAT:
+        return False, []
+    return True, sorted(scan.external_files())
+
+
+def own_checkpoint_folder(folder: Path) -> tuple[bool, list[str]]:
+    """(has our ``qdllm_quant.json`` record, entries the writer did not write).
+
+    Records that list their ``files`` let us name anything a user added since; older records do not, and
+    then any plain file counts as ours (a sub-folder never does: the writer makes none)."""
+    from formats.checkpoint import RECORD
+
+    rec = folder / RECORD
+    if not rec.is_file():
+        return False, []
+    try:
+        record = json.loads(rec.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False, []
+    listed = set(record.get("files", [])) | {RECORD} if isinstance(record, dict) and "files" in record else None
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                     if p.is_dir() or (listed is not None and p.name not in listed))
+    return True, foreign
+
+
+def refuse_unless_own_file(path: Path) -> None:
+    """Raise unless the existing ``path`` is a file this tool wrote (GGUF or ONNX, recognised by contents)."""
+    if path.is_dir():
+        raise QdllmError(f"{path}: is a folder; give the path of the output file inside it, e.g. {path / 'model.gguf'}")
+    if own_gguf(path) or own_onnx(path)[0]:
+        return
+    raise QdllmError(f"{path}: exists and is not a file qdllm-export wrote, so it is not replaced (not even with "
+                     "--force); move it away or choose another output name")
+
+
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    """An output file path that may be written.
+
+    Refused: an existing path unless ``overwrite`` and it is a GGUF/ONNX file qdllm-export wrote; a missing
+    folder; an existing external data file (``OUT.data``) that the file being replaced does not name.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise QdllmError(f"{path}: folder {path.parent} does not exist")
+    exists = path.exists() or path.is_symlink()
+    if exists:
+        refuse_unless_own_file(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists() and not (exists and data.name in own_onnx(path)[1]):
+        raise QdllmError(f"{data}: exists and is not the external data of a qdllm-export ONNX file at {path}; "
+                         "move it away or choose another output name")
+    if exists and not overwrite:
+        raise QdllmError(f"{path}: already exists (written by qdllm-export); pass --force to replace it")
+    return path
+
+
+def check_output_folder(folder: str | Path, overwrite: bool) -> Path:
+    """A quantized-checkpoint output folder that may be written (replaced only when it is our own)."""
+    folder = Path(folder)
+    if not (folder.exists() or folder.is_symlink()):
+        return folder
+    if not folder.is_dir():
+        raise QdllmError(f"{folder}: exists and is not a folder; choose another output folder")
+    ours, foreign = own_checkpoint_folder(folder)
+    if not any(folder.iterdir()):
+        return folder  # an empty folder: nothing to lose
+    if not ours:
+        raise QdllmError(f"{folder}: is a folder qdllm-export did not write (no qdllm_quant.json), so it is not "
+                         "replaced (not even with --force); choose a new output folder")
+    if foreign:
+        raise QdllmError(f"{folder}: holds {', '.join(foreign[:5])}, which qdllm-export did not write, so the folder "
+                         "is not replaced (not even with --force); move them away or choose another output folder")
+    if not overwrite:
+        raise QdllmError(f"{folder}: already exists (a quantized checkpoint); pass --force to replace it")
+    return folder

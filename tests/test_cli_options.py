@@ -1,0 +1,112 @@
+"""Issue 8, item 5: options that used to be accepted silently are refused, naming the flag, before any model
+loads. The cases run in one subprocess where ``import torch`` fails (a check that came after a PyTorch load
+would surface as an ImportError instead of the expected message), except ``quantize``'s, whose checks are
+its configs' own (they import the quantizer, hence torch) and run before the checkpoint is read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DRIVER = r"""
+import contextlib, io, json, sys
+if sys.argv[2] == "block":
+    sys.modules["torch"] = None  # the checks must not need PyTorch (nor load a model)
+from qdllm_export.cli import main
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(args)
+        except SystemExit as e:
+            code = e.code
+        except BaseException as e:  # a traceback would be a failure
+            code = repr(e)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+LLADA, DREAM = "tiny-llada", "tiny-dream"
+
+# (arguments, text the one-line message must contain)
+CASES = [
+    (["generate", LLADA, "--steps", "0"], "--steps"),
+    (["generate", LLADA, "--gen-length", "0"], "--gen-length"),
+    (["generate", LLADA, "--prompt", "Hi", "--prompt-ids", "1,2"], "--prompt and --prompt-ids"),
+    (["generate", LLADA, "--alg", "origin"], "--alg: is a Dream option"),
+    (["generate", LLADA, "--top-k", "5", "--top-p", "0.9"], "--top-p, --top-k: are Dream options"),
+    (["generate", DREAM, "--remasking", "random"], "--remasking: is a LLaDA option"),
+    (["generate", DREAM, "--block-length", "8"], "--block-length"),
+    (["generate", DREAM, "--cfg-scale", "1"], "--cfg-scale"),
+    (["generate", LLADA, "--gen-length", "1024"], "use --gen-length 511 or less"),
+    (["generate", LLADA, "--gen-length", "64", "--block-length", "24"], "--block-length 24"),
+    (["generate", LLADA, "--gen-length", "64", "--steps", "3"], "--steps 3"),
+    (["generate", DREAM, "--top-p", "0"], "--top-p"),
+    (["generate", LLADA, "--remasking", "lowest"], "--remasking"),
+    (["generate", LLADA, "--device", "gpu"], "--device"),
+    (["generate", LLADA, "--temperature", "-1"], "--temperature"),
+    (["eval", LLADA, "--mc", "0"], "--mc"),
+    (["eval", LLADA, "--seq-len", "4096"], "--seq-len"),
+    (["eval", LLADA, "--batch-size", "0"], "--batch-size"),
+    (["verify", LLADA, LLADA, "--mask-ratios", "1.5"], "--mask-ratios"),
+    (["verify", LLADA, LLADA, "--mask-ratios", "a,b"], "--mask-ratios"),
+    (["verify", LLADA, LLADA, "--gen-length", "1024"], "--gen-length"),
+    (["verify", LLADA, LLADA, "--min-agree", "2"], "--min-agree"),
+    (["verify", LLADA, DREAM], "cannot be compared"),
+    (["quantize", LLADA, "{tmp}/q", "--group-size", "12"], "--group-size"),
+    (["quantize", LLADA, "{tmp}/q", "--bits", "1.5", "--no-abmp"], "--bits"),
+    (["quantize", LLADA, "{tmp}/q", "--method", "rtn", "--bits", "2.5"], "--bits"),
+    (["quantize", LLADA, "{tmp}/q", "--prefix-ratio", "1"], "--prefix-ratio"),
+    (["quantize", LLADA, "{tmp}/q", "--calib", "{tmp}/missing.txt"], "--calib"),
+    (["quantize", LLADA, "{tmp}/q", "--abmp-ratio", "0.9"], "--abmp-ratio"),
+    (["gguf", LLADA, "{tmp}/m.gguf", "--outtype", "f16", "--method", "rtn"], "--method: not used with --outtype f16"),
+    (["gguf", LLADA, "{tmp}/m.gguf", "--embed-type", "q4"], "--embed-type"),
+    (["onnx", LLADA, "{tmp}/m.onnx", "--accuracy-level", "4"], "--accuracy-level: not used with --kernel function"),
+    (["onnx", LLADA, "{tmp}/m.onnx", "--outtype", "f32", "--kernel", "matmulnbits"], "--kernel: not used"),
+    (["onnx", LLADA, "{tmp}/m.onnx", "--accuracy-level", "7", "--kernel", "matmulnbits"], "--accuracy-level"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("opts")
+    out: list = [None] * len(CASES)
+    for block in (True, False):
+        idx = [i for i, (args, _) in enumerate(CASES) if (args[0] != "quantize") == block]
+        argv = [[a.replace("{tmp}", str(tmp)) for a in CASES[i][0]] for i in idx]
+        r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argv), "block" if block else "allow"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        for i, res in zip(idx, json.loads(r.stdout.strip().splitlines()[-1])):
+            out[i] = res
+    assert list(tmp.iterdir()) == []  # nothing was written by any refused command
+    return out
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[" ".join(c[0][:1] + c[0][2:]) for c in CASES])
+def test_refused_naming_the_flag_before_loading(results, i):
+    code, err = results[i]
+    needle = CASES[i][1]
+    assert code == 2, err
+    assert "Traceback" not in err and "ImportError" not in err
+    assert needle in err, err
+    # one line for our own checks; click's usage errors add the usage line and a hint
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 or (lines[0].startswith("Usage:") and len(lines) <= 4), err
+
+
+def test_eval_text_counts_scored_tokens(cli):
+    """Dream never scores a window's first token: the text says so and agrees with the JSON's n_tokens."""
+    code, out, _ = cli("eval", DREAM, "--max-windows", "2", "--mc", "1", "--json")
+    rep = json.loads(out)
+    assert code == 0 and rep["n_tokens"] == 2 * (rep["seq_len"] - 1)
+    code, out, _ = cli("eval", DREAM, "--max-windows", "2", "--mc", "1")
+    assert code == 0 and f"({rep['n_tokens']} scored" in out
