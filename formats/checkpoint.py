@@ -10,8 +10,10 @@ Layout (a Hugging Face folder plus planes)::
       model.safetensors.index.json
 
 Unquantized tensors keep their Hugging Face names and stored dtype. A quantized linear ``X.weight``
-is stored as ``X.weight.qdllm.{planes,signs,row_scale,col_scale[,mu]}``: the fields of
-``formats.qtensor.QuantizedTensor``, bit for bit.
+is stored as ``X.weight.qdllm.<field>`` for each array of its stored kind (``formats.stored``):
+``planes,signs,row_scale,col_scale[,mu]`` (binary planes), ``data`` (ggml bytes) or
+``codes,scales,zero_points`` (MatMulNBits), bit for bit; its record entry names the kind and its
+parameters (a version-1 record without ``kind`` holds planes).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from formats.errors import FormatError, QdllmError
 from formats.families import read_config
-from formats.qtensor import FIELDS, QuantizedTensor
+from formats.stored import from_record, record_of, required_fields
 from formats.safetensors_io import Checkpoint, write_safetensors
 from formats.tensors import canonical_names, canonical_shape
 
@@ -60,7 +62,7 @@ class QuantizedCheckpoint:
         for name in canonical_names(self.hparams):
             hf = self.hf[name]
             if name in self.quantized:
-                for f in FIELDS[:4]:
+                for f in required_fields(self.quantized[name]):
                     if hf + SUFFIX + f not in self.ckpt:
                         raise FormatError(f"{self.folder}: quantized tensor {hf!r} lacks its field {f!r}; the folder is incomplete")
             elif hf not in self.ckpt:
@@ -69,15 +71,14 @@ class QuantizedCheckpoint:
     def names(self) -> list[str]:
         return canonical_names(self.hparams)
 
-    def get(self, name: str) -> np.ndarray | QuantizedTensor:
+    def get(self, name: str) -> Any:
+        """A float32 array, or the stored quantized tensor (``formats.stored``) of a quantized linear."""
         hf = self.hf[name]
         if name in self.quantized:
-            arrays = {f: self.ckpt.raw(hf + SUFFIX + f) for f in FIELDS if hf + SUFFIX + f in self.ckpt}
-            info = self.quantized[name]
-            return QuantizedTensor.from_arrays(
-                canonical_shape(self.hparams, name), int(info["group_size"]), arrays, name=name,
-                meta={"method": self.record.get("method")},
-            )
+            fields = required_fields(self.quantized[name]) + ("mu",)
+            arrays = {f: self.ckpt.raw(hf + SUFFIX + f) for f in fields if hf + SUFFIX + f in self.ckpt}
+            return from_record(canonical_shape(self.hparams, name), self.quantized[name], arrays, name=name,
+                               meta={"method": self.record.get("method")})
         return self.ckpt.get(hf)
 
     def dtype(self) -> str:
@@ -108,8 +109,9 @@ class QuantizedCheckpointWriter:
         self.weight_map: dict[str, str] = {}
         self.total = 0
 
-    def add_shard(self, floats: dict[str, np.ndarray], quantized: dict[str, QuantizedTensor], bf16: bool) -> None:
-        """One shard: float tensors by HF name (stored bf16 when ``bf16``) and quantized ones."""
+    def add_shard(self, floats: dict[str, np.ndarray], quantized: dict[str, Any], bf16: bool) -> None:
+        """One shard: float tensors by HF name (stored bf16 when ``bf16``) and stored quantized ones
+        (any kind of ``formats.stored``)."""
         self.shard += 1
         fname = f"model-{self.shard:05d}-of-{self.n_shards:05d}.safetensors"
         tensors: dict[str, np.ndarray] = dict(floats)

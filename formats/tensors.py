@@ -2,14 +2,15 @@
 
 Canonical names are llama.cpp's (``token_embd.weight``, ``blk.3.attn_q.weight``, ...) with rows in the
 *checkpoint's* order (no llama.cpp Q/K permutation: writers apply it). A value is a float32 array or,
-for a quantized linear, a ``QuantizedTensor``. Every writer (GGUF, ONNX) and the NumPy runtime read
+for a quantized linear, a stored quantized tensor of any kind (``formats.stored``: binary planes,
+ggml bytes, MatMulNBits codes). Every writer (GGUF, ONNX) and the NumPy runtime read
 models through ``TensorSource``; sources load lazily so only one tensor need be in memory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Protocol, Union
+from typing import Any, Iterator, Protocol, Union
 
 import numpy as np
 
@@ -17,8 +18,9 @@ from formats.errors import QdllmError
 from formats.families import Family, HParams, read_config
 from formats.qtensor import QuantizedTensor
 from formats.safetensors_io import Checkpoint
+from formats.stored import is_stored
 
-Tensor = Union[np.ndarray, QuantizedTensor]
+Tensor = Union[np.ndarray, QuantizedTensor, Any]  # Any: another kind of formats.stored
 
 
 class TensorSource(Protocol):
@@ -63,10 +65,10 @@ def fetch_checked(source: TensorSource, name: str, where: str | Path) -> Tensor:
     except KeyError:
         raise QdllmError(f"{where}: the model has no tensor {name!r}; a {hp.family} model needs it") from None
     want = canonical_shape(hp, name)
-    got = value.shape if isinstance(value, QuantizedTensor) else np.shape(value)
+    got = value.shape if is_stored(value) else np.shape(value)
     if tuple(got) != tuple(want):
         raise QdllmError(f"{where}: tensor {name} has shape {tuple(got)}, but the hparams imply {want}")
-    if isinstance(value, QuantizedTensor) and not is_linear(hp, name):
+    if is_stored(value) and not is_linear(hp, name):
         raise QdllmError(f"{where}: tensor {name} is quantized, but only block linears may be")
     return value
 
@@ -147,7 +149,7 @@ class OverlaySource:
     def __init__(self, base: TensorSource, planes: TensorSource):
         self.hparams = base.hparams
         self.base, self.planes = base, planes
-        self.quantized = {n for n in planes.names() if is_linear(planes.hparams, n) and isinstance(planes.get(n), QuantizedTensor)}
+        self.quantized = {n for n in planes.names() if is_linear(planes.hparams, n) and is_stored(planes.get(n))}
 
     def names(self) -> list[str]:
         return self.base.names()

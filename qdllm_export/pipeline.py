@@ -1,9 +1,14 @@
 """The streaming quantization pipeline: one transformer block resident at a time.
 
-For block ``i``: load its weights from the checkpoint, run the calibration activations through it
-with hooks that accumulate each linear's input statistics ``H``, quantize its linears (ABMP pooled
-over the block's linears for Quant-dLLM), run the *quantized* block to produce the next block's
-inputs, write the block's shard, free it. Embeddings and head are copied unquantized.
+For block ``i``: load its weights from the checkpoint; run the calibration activations through the
+float block with hooks that accumulate each linear's input statistics ``H`` (the block's plan, e.g.
+ABMP's planes, comes from these); then quantize its linears **true-sequentially**: the groups
+``q/k/v``, ``o``, ``gate/up``, ``down`` in turn, each group's ``H`` taken from inputs produced by the
+block with the earlier groups already quantized (``true_sequential=False``: every group uses the float
+block's ``H``). The quantized block then produces the next block's inputs, its shard is written and
+it is freed. Embeddings and head are copied unquantized. A target that needs no data (RTN) skips
+calibration altogether.
+
 Peak memory: one block's weights, its ``H`` matrices and the calibration activations
 ``[n_samples, seq_len, d_model]`` (float32, on ``device``).
 """
@@ -20,22 +25,32 @@ import torch
 
 from formats.checkpoint import QuantizedCheckpointWriter
 from formats.errors import QdllmError
-from formats.qtensor import QuantizedTensor
+from formats.stored import record_of
 from formats.tensors import HFTensors, is_linear
 from formats.tokenizer import load_tokenizer
 from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows
 from qdllm_export.models import dequantize_torch, family_module
 from qdllm_export.models.layers import rope_tables
-from qdllm_export.quant import HessianAccumulator, QuantConfig, abmp_assign_pooled, block_scores, quantize_weight
+from qdllm_export.quant import HessianAccumulator, QuantConfig
+from qdllm_export.targets import Target, as_target
+
+# Linears of a block in the order their inputs become available (true-sequential groups).
+SEQUENTIAL_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+
+OnLayer = Callable[[int, int, str], None]
+
 
 @dataclass
 class LayerReport:
     name: str
     shape: tuple[int, int]
-    mean_planes: float
+    kind: str  # "planes" | "ggml" | "nbits"
+    detail: str  # planes: mean planes; grids: the type
     bits_per_weight: float
     rel_weight_error: float
     rel_output_error: float | None
+    stored: dict[str, Any] = field(default_factory=dict)  # formats.stored.record_of
+    bits_per_weight_native: float | None = None  # uniform codes in their own packing (GPTQ/RTN)
 
 
 @dataclass
@@ -44,11 +59,14 @@ class PipelineResult:
     block_errors: list[float] = field(default_factory=list)  # relative output error of each quantized block
     seconds: float = 0.0
 
-    def linear_bits_per_weight(self) -> float:
+    def linear_bits_per_weight(self, native: bool = False) -> float:
         n = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        return sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in self.layers) / n
+        bits = [(r.bits_per_weight_native if native and r.bits_per_weight_native is not None else r.bits_per_weight)
+                for r in self.layers]
+        return sum(b * r.shape[0] * r.shape[1] for b, r in zip(bits, self.layers)) / n
 
 
+# ------------------------------------------------------------------------------------------ block helpers
 def _load_block(src: HFTensors, i: int, device: str) -> torch.nn.Module:
     hp = src.hparams
     block = family_module(hp).Block(hp).to(device=device, dtype=torch.float32)
@@ -59,16 +77,6 @@ def _load_block(src: HFTensors, i: int, device: str) -> torch.nn.Module:
         with torch.no_grad():
             params[hf[name][len(prefix):]].copy_(torch.from_numpy(src.get(name)))
     return block.eval()
-
-
-def _err_text(r: LayerReport) -> str:
-    out = "-" if r.rel_output_error is None else f"{r.rel_output_error:.4f}"
-    return f"{r.name.split('.', 2)[2]} output err {out}, {r.bits_per_weight:.2f} bits/w"
-
-
-def _stored(src: HFTensors, name: str, bf16: bool) -> np.ndarray:
-    """A float tensor to copy unchanged: bf16 bits as stored (memory-mapped, no float copy), else float32."""
-    return src.ckpt.raw(src.hf_name(name)) if bf16 and src.ckpt.dtype(src.hf_name(name)) == "BF16" else src.get(name)
 
 
 @torch.no_grad()
@@ -82,102 +90,171 @@ def _run_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: 
     return x if keep else None
 
 
+def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str], x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """``H [n_in, n_in]`` of each linear in ``roles`` of ``block``, from its inputs over ``x [N, L, d]``."""
+    linears = block.linears()
+    acc = {r: HessianAccumulator(linears[r].in_features, device=x.device) for r in roles}
+    hooks = [linears[r].register_forward_hook(lambda mod, inp, out, r=r: acc[r].add_batch(inp[0])) for r in roles]
+    try:
+        _run_block(block, x, cos, sin, batch, keep=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {r: a.H for r, a in acc.items()}
+
+
+def _groups(roles: list[str], true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [roles]
+    groups = [[r for r in g if r in roles] for g in SEQUENTIAL_GROUPS]
+    rest = [r for r in roles if not any(r in g for g in groups)]
+    return [g for g in groups if g] + ([rest] if rest else [])
+
+
+def _err_text(r: LayerReport) -> str:
+    out = "-" if r.rel_output_error is None else f"{r.rel_output_error:.4f}"
+    return f"{r.name.split('.', 2)[2]} err {out}"
+
+
+def _stored(src: HFTensors, name: str, bf16: bool) -> np.ndarray:
+    """A float tensor to copy unchanged: bf16 bits as stored (memory-mapped, no float copy), else float32."""
+    return src.ckpt.raw(src.hf_name(name)) if bf16 and src.ckpt.dtype(src.hf_name(name)) == "BF16" else src.get(name)
+
+
+# ------------------------------------------------------------------------------------------ one block
+@dataclass
+class _Calib:
+    """Calibration activations entering the current block, and the RoPE tables (None without data)."""
+
+    x: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    batch: int
+
+
+def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib, true_sequential: bool,
+                   result: PipelineResult, on_layer: OnLayer | None, n_layers: int) -> dict[str, Any]:
+    """Quantize the linears of ``block`` in place (weights replaced by their stored values); returns
+    role -> stored tensor. ``calib.x`` becomes the quantized block's outputs."""
+    linears = block.linears()
+    roles = list(linears)
+    data = calib.x is not None
+    Hs = collect_hessians(block, roles, calib.x, calib.cos, calib.sin, calib.batch) if data else None
+    y_ref = _run_block(block, calib.x[: calib.batch].clone(), calib.cos, calib.sin, calib.batch) if data else None
+    plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
+    out: dict[str, Any] = {}
+    for g, group in enumerate(_groups(roles, true_sequential)):
+        if data and g > 0:
+            Hs.update(collect_hessians(block, group, calib.x, calib.cos, calib.sin, calib.batch))
+        for r in group:
+            name = f"blk.{i}.{r}.weight"
+            if on_layer:
+                on_layer(i, n_layers, name + (f" (last: {_err_text(result.layers[-1])})" if result.layers else ""))
+            out[r] = _quantize_linear(linears[r], name, target, None if Hs is None else Hs[r], plan[r], result)
+    if data:
+        del Hs
+        _run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
+        n_ref = y_ref.shape[0]
+        result.block_errors.append(float((calib.x[:n_ref] - y_ref).norm() / y_ref.norm()))
+    return out
+
+
+def _quantize_linear(m: torch.nn.Linear, name: str, target: Target, H: torch.Tensor | None, plan: Any,
+                     result: PipelineResult) -> Any:
+    stored, _, stats = target.quantize(name, m.weight.data, H, plan)
+    with torch.no_grad():
+        m.weight.copy_(dequantize_torch(stored, m.weight.device))  # the stored values are the truth
+    rec = record_of(stored)
+    detail = f"{stored.mean_planes():.2f} planes" if rec["kind"] == "planes" else str(stats.get("grid", rec.get("ggml_type", "")))
+    result.layers.append(LayerReport(name, stored.shape, rec["kind"], detail, stored.bits_per_weight(),
+                                     float(stats["rel_weight_err"]), stats.get("rel_output_err"), rec,
+                                     stats.get("bits_per_weight_native")))
+    return stored
+
+
+# ------------------------------------------------------------------------------------------ whole model
+def _calibration(src: HFTensors, model_dir: Path, ccfg: CalibConfig, device: str, batch: int) -> _Calib:
+    """Embedded MCS-masked calibration windows entering block 0."""
+    hp = src.hparams
+    windows = calibration_windows(load_tokenizer(model_dir), hp, ccfg)
+    if ccfg.mcs:
+        windows, _ = apply_mcs(windows, hp.mask_token_id, ccfg.prefix_ratio, ccfg.seed, protect_first=hp.spec.shift_logits)
+    emb = torch.from_numpy(src.get("token_embd.weight")).to(device)
+    x = emb[torch.from_numpy(windows).to(device)]  # [N, L, d] float32
+    cos, sin = rope_tables(windows.shape[1], hp.head_dim, hp.rope_theta, torch.device(device))
+    return _Calib(x, cos, sin, batch)
+
+
+def _record(target: Target, ccfg: CalibConfig | None, src: HFTensors, model_dir: Path, result: PipelineResult,
+            true_sequential: bool) -> dict[str, Any]:
+    native = any(r.bits_per_weight_native is not None for r in result.layers)
+    return {
+        **target.record(),
+        "calibration": None if ccfg is None else {**ccfg.to_dict(), "true_sequential": true_sequential},
+        "source": str(model_dir),
+        "source_dtype": src.dtype(),
+        "family": src.hparams.family,
+        "bits_per_weight_linear": result.linear_bits_per_weight(),
+        "bits_per_weight_linear_native": result.linear_bits_per_weight(native=True) if native else None,
+        "block_output_errors": result.block_errors,
+        "seconds": result.seconds,
+        "tensors": {
+            r.name: {"shape": list(r.shape), **r.stored, "detail": r.detail, "bits_per_weight": r.bits_per_weight,
+                     "bits_per_weight_native": r.bits_per_weight_native, "rel_weight_error": r.rel_weight_error,
+                     "rel_output_error": r.rel_output_error}
+            for r in result.layers
+        },
+    }
+
+
 def quantize_checkpoint(
     model_dir: str | Path,
     out_dir: str | Path,
-    qcfg: QuantConfig,
+    target: Target | QuantConfig,
     ccfg: CalibConfig,
     *,
     device: str = "cpu",
     force: bool = False,
     batch: int = 8,
-    on_layer: Callable[[int, int, str], None] | None = None,
+    true_sequential: bool = True,
+    on_layer: OnLayer | None = None,
 ) -> tuple[PipelineResult, dict[str, Any]]:
     """Quantize the linears of an HF checkpoint folder into a quantized checkpoint at ``out_dir``.
 
+    ``target``: a ``QuantConfig`` (binary planes) or any ``qdllm_export.targets.Target``.
     ``on_layer(block_index, n_blocks, what)`` reports progress. Returns the per-layer report and the
     record written to ``qdllm_quant.json``. Nothing is left at ``out_dir`` on failure.
     """
     t0 = time.time()
-    torch.manual_seed(qcfg.seed)
+    target = as_target(target)
+    torch.manual_seed(getattr(getattr(target, "cfg", None), "seed", 0))
+    model_dir = Path(model_dir)
     src = HFTensors(model_dir)
     hp = src.hparams
-    tokenizer = load_tokenizer(model_dir)
-    windows = calibration_windows(tokenizer, hp, ccfg)
-    if ccfg.mcs:
-        windows, _ = apply_mcs(windows, hp.mask_token_id, ccfg.prefix_ratio, ccfg.seed, protect_first=hp.spec.shift_logits)
     bf16 = src.dtype() == "BF16"
+    calib = _calibration(src, model_dir, ccfg, device, batch) if target.needs_data else _Calib(None, None, None, batch)
     writer = QuantizedCheckpointWriter(out_dir, model_dir, n_shards=hp.n_layers + 1, force=force)
     result = PipelineResult()
+    hf = hp.spec.hf_names(hp)
     try:
-        emb = torch.from_numpy(src.get("token_embd.weight")).to(device)
-        x = emb[torch.from_numpy(windows).to(device)]  # [N, L, d] float32
-        del emb
-        cos, sin = rope_tables(windows.shape[1], hp.head_dim, hp.rope_theta, torch.device(device))
-        hf = hp.spec.hf_names(hp)
         for i in range(hp.n_layers):
             block = _load_block(src, i, device)
-            linears = block.linears()
-            acc = {r: HessianAccumulator(m.in_features, device=device) for r, m in linears.items()}
-            hooks = [m.register_forward_hook(lambda mod, inp, out, r=r: acc[r].add_batch(inp[0]))
-                     for r, m in linears.items()]
-            _run_block(block, x, cos, sin, batch, keep=False)
-            for h in hooks:
-                h.remove()
-            n_ref = min(batch, x.shape[0])  # block output error measured on the first windows
-            y_ref = _run_block(block, x[:n_ref].clone(), cos, sin, batch)
-            Hs = {r: a.H for r, a in acc.items()}
-            acc.clear()
-            planes: dict[str, np.ndarray | None] = {r: None for r in linears}
-            if qcfg.method == "quant-dllm" and qcfg.abmp:
-                scores = [block_scores(linears[r].weight, Hs[r], qcfg, name=f"blk.{i}.{r}.weight") for r in linears]
-                planes = dict(zip(linears, abmp_assign_pooled(scores, qcfg.bits, qcfg.abmp_ratio, what=f"block {i}")))
-            quantized: dict[str, QuantizedTensor] = {}
-            for r, m in linears.items():
-                name = f"blk.{i}.{r}.weight"
-                if on_layer:
-                    on_layer(i, hp.n_layers, name + (f" (previous: {_err_text(result.layers[-1])})" if result.layers else ""))
-                res = quantize_weight(m.weight.data, Hs[r], qcfg, planes=planes[r], name=name)
-                qt, stats = res.qt, res.stats
-                quantized[hf[name]] = qt
-                with torch.no_grad():
-                    m.weight.copy_(dequantize_torch(qt, device))  # the stored values are the truth
-                result.layers.append(LayerReport(name, qt.shape, qt.mean_planes(), qt.bits_per_weight(),
-                                                 float(stats["rel_weight_err"]), stats.get("rel_output_err")))
-            del Hs
-            _run_block(block, x, cos, sin, batch)  # the quantized block feeds the next one
-            result.block_errors.append(float((x[:n_ref] - y_ref).norm() / y_ref.norm()))
+            stored = quantize_block(block, i, target, calib, true_sequential, result, on_layer, hp.n_layers)
             if on_layer:
-                on_layer(i + 1, hp.n_layers, f"block {i} done, block output error {result.block_errors[-1]:.4f}")
-            del y_ref
+                err = f", block output error {result.block_errors[-1]:.4f}" if result.block_errors else ""
+                on_layer(i + 1, hp.n_layers, f"block {i} done{err}")
+            quantized = {hf[f"blk.{i}.{r}.weight"]: t for r, t in stored.items()}
             floats = {hf[n]: _stored(src, n, bf16) for n in src.layer_names(i) if hf[n] not in quantized}
             writer.add_shard(floats, quantized, bf16)
-            del block, linears, quantized
+            del block, stored, quantized
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         if on_layer:
             on_layer(hp.n_layers, hp.n_layers, "embeddings and head")
         writer.add_shard({hf[n]: _stored(src, n, bf16) for n in ("token_embd.weight", "output_norm.weight", "output.weight")}, {}, bf16)
         result.seconds = time.time() - t0
-        record = {
-            "method": qcfg.method,
-            "bits": qcfg.bits,
-            "group_size": qcfg.group_size,
-            "options": qcfg.to_dict(),
-            "calibration": ccfg.to_dict(),
-            "source": str(model_dir),
-            "source_dtype": src.dtype(),
-            "family": hp.family,
-            "bits_per_weight_linear": result.linear_bits_per_weight(),
-            "block_output_errors": result.block_errors,
-            "seconds": result.seconds,
-            "tensors": {
-                r.name: {"shape": list(r.shape), "group_size": qcfg.group_size, "mean_planes": r.mean_planes,
-                         "bits_per_weight": r.bits_per_weight, "rel_weight_error": r.rel_weight_error,
-                         "rel_output_error": r.rel_output_error}
-                for r in result.layers
-            },
-        }
+        record = _record(target, ccfg if target.needs_data else None, src, model_dir, result, true_sequential)
         writer.finish(record)
         return result, record
     except BaseException:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from formats.errors import QdllmError
-from formats.qtensor import QuantizedTensor
+from formats.stored import is_stored
 from runtime_ref.backend import shift_right
 
 ROPE_KINDS = ("norm", "neox")
@@ -75,7 +75,7 @@ def linear(source: Any, name: str, x: np.ndarray) -> np.ndarray:
     if mm is not None:
         return np.asarray(mm(name, x), dtype=np.float32)
     w = source.get(name)
-    w = w.dequantize() if isinstance(w, QuantizedTensor) else np.asarray(w, dtype=np.float32)
+    w = w.dequantize() if is_stored(w) else np.asarray(w, dtype=np.float32)
     return x @ w.T
 
 

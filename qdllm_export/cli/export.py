@@ -55,11 +55,12 @@ def export_source(model: str, out: Path, outtype: str, force: bool, q: dict[str,
 
 
 def _meta(src: TensorSource) -> dict[str, Any]:
+    """The ``qdllm.*`` metadata of a file written from ``src``: method, budget and bits of its record."""
     rec = getattr(src, "record", None)
     if not rec:
         return {"method": "none"}
-    return {"method": rec["method"], "bits": float(rec["bits"]), "group_size": int(rec["group_size"]),
-            "bits_per_weight_linear": float(rec["bits_per_weight_linear"])}
+    keys = ("target", "method", "bits", "group_size", "outtype", "bpw", "bits_per_weight_linear")
+    return {k: rec[k] for k in keys if isinstance(rec.get(k), (int, float, str)) and not isinstance(rec.get(k), bool)}
 
 
 def closing_table(info: dict[str, Any], seconds: float) -> Table:

@@ -53,9 +53,9 @@ def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_s
 
 
 def summary_table(result, title: str) -> Table:
-    t = Table("linear", "shape", "planes", "bits/w", "weight err", "output err", title=title)
+    t = Table("linear", "shape", "stored as", "bits/w", "weight err", "output err", title=title)
     for r in result.layers:
-        t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.mean_planes:.2f}", f"{r.bits_per_weight:.3f}",
+        t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.detail, f"{r.bits_per_weight:.3f}",
                   f"{r.rel_weight_error:.4f}", "-" if r.rel_output_error is None else f"{r.rel_output_error:.4f}")
     return t
 

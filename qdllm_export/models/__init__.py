@@ -14,6 +14,7 @@ import torch
 from formats.errors import QdllmError
 from formats.families import HParams
 from formats.qtensor import QuantizedTensor
+from formats.stored import is_stored
 from formats.safetensors_io import write_checkpoint
 from formats.tensors import TensorSource, canonical_names
 
@@ -38,12 +39,15 @@ def build_model(hp: HParams, dtype: torch.dtype = torch.float32, device: str | t
     return model.to(dtype)
 
 
-def dequantize_torch(qt: QuantizedTensor, device: str | torch.device = "cpu") -> torch.Tensor:
-    """``W_hat`` float32 ``[n_out, n_in]`` from the stored fields, computed in PyTorch.
+def dequantize_torch(qt: Any, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``W_hat`` float32 ``[n_out, n_in]`` of any stored quantized tensor (``formats.stored``).
 
-    Written independently of ``QuantizedTensor.dequantize`` (NumPy) so parity tests compare two
-    implementations of the contract.
+    Binary planes are dequantized in PyTorch, written independently of ``QuantizedTensor.dequantize``
+    (NumPy) so parity tests compare two implementations of the contract; the runtime grids (ggml,
+    MatMulNBits) through their NumPy decoders (gguf-py's for ggml types).
     """
+    if not isinstance(qt, QuantizedTensor):
+        return torch.from_numpy(np.ascontiguousarray(qt.dequantize(), dtype=np.float32)).to(device)
     n_out, n_in = qt.shape
     g, nb = qt.group_size, qt.n_blocks
     bits = torch.from_numpy(np.array(qt.signs)).to(device)  # [P, n_out, g/8] uint8
@@ -66,7 +70,7 @@ def load_state(model: torch.nn.Module, source: TensorSource, device: str | torch
     params = dict(model.named_parameters())
     for name in canonical_names(hp):
         val = source.get(name)
-        t = dequantize_torch(val, device) if isinstance(val, QuantizedTensor) else torch.from_numpy(np.asarray(val))
+        t = dequantize_torch(val, device) if is_stored(val) else torch.from_numpy(np.asarray(val))
         p = params[hf[name]]
         with torch.no_grad():
             p.copy_(t.to(p.dtype))
