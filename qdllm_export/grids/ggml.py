@@ -40,7 +40,7 @@ from formats.ggml_tensor import GGMLTensor
 
 SUB_RATIOS = torch.linspace(0.6, 1.3, 29).tolist()  # symmetric sub-block candidates: max|x| -> ratio * extreme level
 D_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.8, 0.75, 1.03, 1.06, 1.1)  # block scale candidates
-CD_STEPS = 3  # coordinate-descent rounds in init and refit
+CD_STEPS = 2  # coordinate-descent rounds in init and refit
 
 
 @dataclass(frozen=True)
