@@ -31,7 +31,36 @@ from formats.errors import QdllmError
 from formats.ggml_tensor import GGMLTensor
 
 LATTICE = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_s")
-D_FIRST = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_S", "IQ3_XXS")  # types whose block starts with the fp16 d
+
+
+@dataclass(frozen=True)
+class SubScales:
+    """Where a lattice type keeps its 4-bit sub-block scales ``s_j`` and what they multiply: every value of
+    sub-block ``j`` (``sub`` elements) is ``d * mult(s_j) * (grid * sign)``; ``s_j`` sits in byte
+    ``offset[j]`` of the block at bit ``shift[j]`` (ggml-common.h; the fp16 ``d`` is bytes 0-1)."""
+
+    sub: int
+    offset: tuple[int, ...]
+    shift: tuple[int, ...]
+    half: bool  # mult(s) = (0.5 + s) / 4 if half else 1 + 2 s
+
+    def mult(self, s: np.ndarray) -> np.ndarray:
+        return (0.5 + s) * 0.25 if self.half else 1.0 + 2.0 * s
+
+    def inverse(self, m: np.ndarray) -> np.ndarray:
+        return m * 4.0 - 0.5 if self.half else (m - 1.0) / 2.0
+
+
+def _nibbles(base: int, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(base + j // 2 for j in range(n)), tuple(4 * (j % 2) for j in range(n))
+
+
+SUBSCALES = {
+    "IQ2_XXS": SubScales(32, tuple(2 + 8 * j + 7 for j in range(8)), (4,) * 8, True),
+    "IQ2_XS": SubScales(16, *_nibbles(66, 16), True),
+    "IQ2_S": SubScales(16, *_nibbles(74, 16), True),
+    "IQ3_S": SubScales(32, *_nibbles(106, 8), False),
+}
 
 
 class _Traits(ctypes.Structure):
@@ -132,17 +161,17 @@ class LibState:
 class LibGGMLGrid:
     """A ggml type quantized by libggml a super-block at a time (``unit = block``); see the module doc."""
 
-    def __init__(self, ggml_type: str, name: str | None = None, refit_d: bool = True):
+    def __init__(self, ggml_type: str, name: str | None = None, rounds: int = 2):
         self.ggml_type = ggml_type.upper()
-        block, self.type_size = gt.type_info(self.ggml_type)
-        self.block = self.unit = block
+        self.block, self.type_size = gt.type_info(self.ggml_type)
+        self.unit = self.block
         self.name = name or ggml_type.lower()
-        self.refit_d = refit_d and self.ggml_type in D_FIRST
+        self.sub = SUBSCALES.get(self.ggml_type)  # None: no refit (ggml's own k-quants, the reference)
+        self.rounds = rounds
         type_id(self.ggml_type)  # fails early without llama-cpp-python
 
     def bits_per_weight(self, n_in: int) -> float:
-        block, size = gt.type_info(self.ggml_type)
-        return 8.0 * size / block
+        return 8.0 * self.type_size / self.block
 
     def _decode(self, data: np.ndarray) -> np.ndarray:
         return GGMLTensor((data.shape[0], self.block), self.ggml_type, data).dequantize()
@@ -157,25 +186,62 @@ class LibGGMLGrid:
         return torch.from_numpy(self._decode(st.data)).to(w.device)
 
     def refit(self, st: LibState, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
-        cur = self._decode(st.data)
-        if refit and self.refit_d:
-            st.data = self._refit_d(st.data, cur, T.detach().to(torch.float32).cpu().numpy(), st.imp)
-            cur = self._decode(st.data)
-        return torch.from_numpy(cur).to(T.device)
+        if refit and self.sub is not None:
+            Tn = T.detach().to(torch.float32).cpu().numpy()
+            w = np.ones(self.block, np.float32) if st.imp is None else st.imp
+            for _ in range(self.rounds):
+                st.data = self._refit_d(st.data, Tn, w)
+                st.data = self._refit_sub(st.data, Tn, w)
+        return torch.from_numpy(self._decode(st.data)).to(T.device)
 
-    def _refit_d(self, data: np.ndarray, cur: np.ndarray, T: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
-        """The least-squares fp16 ``d`` per row with the lattice codes, signs and sub-scales fixed."""
-        w = np.ones(T.shape[1], np.float32) if imp is None else imp
-        d = data[:, :2].copy().view(np.float16)[:, 0].astype(np.float32)
+    def _sub_errors(self, data: np.ndarray, T: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Weighted error per row and sub-block ``[n, S]`` of the decoded ``data`` against ``T``."""
+        e = w * (self._decode(data) - T) ** 2
+        return e.reshape(e.shape[0], -1, self.sub.sub).sum(-1)
+
+    def _refit_d(self, data: np.ndarray, T: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The least-squares fp16 ``d`` per row with every other field fixed; kept where the error drops."""
         unit = data.copy()
         unit[:, :2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
         a = self._decode(unit)  # the values for d = 1
         saa, sax = (w * a * a).sum(1), (w * a * T).sum(1)
+        d = data[:, :2].copy().view(np.float16)[:, 0].astype(np.float32)
         d_new = np.where(saa > 0, sax / np.maximum(saa, 1e-30), d).clip(-65504, 65504).astype(np.float16)
         cand = data.copy()
         cand[:, :2] = d_new.reshape(-1, 1).view(np.uint8)
-        better = (w * (self._decode(cand) - T) ** 2).sum(1) < (w * (cur - T) ** 2).sum(1)
+        better = self._sub_errors(cand, T, w).sum(1) < self._sub_errors(data, T, w).sum(1)
         return np.where(better[:, None], cand, data)
+
+    def _set_sub(self, data: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """``data`` with sub-scale ``s [n, S]`` (integers in 0..15) written into every block."""
+        out = data.copy()
+        for j, (o, sh) in enumerate(zip(self.sub.offset, self.sub.shift)):
+            out[:, o] = (out[:, o] & ~np.uint8(15 << sh)) | (s[:, j].astype(np.uint8) << sh)
+        return out
+
+    def _refit_sub(self, data: np.ndarray, T: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Each sub-block's 4-bit scale from its least-squares fit with the lattice points and ``d`` fixed
+        (floor and ceil tried); kept per sub-block where the error drops."""
+        sp, n = self.sub, data.shape[0]
+        S = len(sp.offset)
+        base = self._set_sub(data, np.zeros((n, S)))
+        base[:, :2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+        g = (self._decode(base) / np.float32(sp.mult(0.0))).reshape(n, S, sp.sub)  # grid * sign
+        wt, Tb = w.reshape(1, S, sp.sub), T.reshape(n, S, sp.sub)
+        sgg, sgx = (wt * g * g).sum(-1), (wt * g * Tb).sum(-1)
+        d = data[:, :2].copy().view(np.float16)[:, 0].astype(np.float32)[:, None]
+        ok = (sgg > 0) & (d != 0)
+        target = sp.inverse(np.where(ok, sgx / np.where(ok, sgg * d, 1.0), sp.mult(0.0)))
+        cur = self._sub_errors(data, T, w)
+        for f in (np.floor, np.ceil):
+            cand = self._set_sub(data, np.clip(f(target), 0, 15))
+            err = self._sub_errors(cand, T, w)
+            keep = (err < cur) & ok
+            for j, (o, sh) in enumerate(zip(sp.offset, sp.shift)):
+                m = np.uint8(15 << sh)
+                data[:, o] = np.where(keep[:, j], (data[:, o] & ~m) | (cand[:, o] & m), data[:, o])
+            cur = np.where(keep, err, cur)
+        return data
 
     def pack(self, states: list[LibState], shape: tuple[int, int], name: str) -> GGMLTensor:
         data = np.concatenate([st.data for st in states], axis=1)
