@@ -139,6 +139,33 @@ def dream_generate(
         int64 ``[B, Lp + max_new_tokens]``.
     """
     prompt = _check_prompt(prompt, mask_id)
+    max_new_tokens, steps, eps, alg_temp, temperature, top_p, top_k, seed = _check_dream_args(
+        max_new_tokens, steps, eps, alg, alg_temp, temperature, top_p, top_k, seed)
+    if prompt.shape[1] < 1:
+        raise QdllmError(
+            "Dream needs a prompt of at least one token (its shifted logits have no prediction for "
+            "position 0)"
+        )
+
+    rng = np.random.default_rng(seed)
+    B, Lp = prompt.shape
+    x = np.full((B, Lp + max_new_tokens), mask_id, dtype=np.int64)
+    x[:, :Lp] = prompt
+    timesteps = dream_timesteps(steps, eps)
+    sampling = (temperature, top_p, top_k, rng)
+
+    for i in range(steps):
+        t, s, last = timesteps[i], timesteps[i + 1], i == steps - 1
+        if alg == "origin":
+            _origin_step(logits_fn, x, mask_id, t, s, last, sampling)
+        else:
+            _confident_step(logits_fn, x, mask_id, t, s, last, alg, alg_temp, sampling)
+        _report(progress, i + 1, steps)
+    return x
+
+
+def _check_dream_args(max_new_tokens, steps, eps, alg, alg_temp, temperature, top_p, top_k, seed) -> tuple:
+    """Validated ``(max_new_tokens, steps, eps, alg_temp, temperature, top_p, top_k, seed)``."""
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     steps = _check_int("steps", steps, 1)
     eps = _check_float("eps", eps)
@@ -155,73 +182,66 @@ def dream_generate(
             raise QdllmError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None:
         top_k = _check_int("top_k", top_k, 1)
-    if prompt.shape[1] < 1:
-        raise QdllmError(
-            "Dream needs a prompt of at least one token (its shifted logits have no prediction for "
-            "position 0)"
-        )
-    seed = _check_int("seed", seed, 0)
+    return max_new_tokens, steps, eps, alg_temp, temperature, top_p, top_k, _check_int("seed", seed, 0)
 
-    rng = np.random.default_rng(seed)
-    B, Lp = prompt.shape
-    T = Lp + max_new_tokens
-    x = np.full((B, T), mask_id, dtype=np.int64)
-    x[:, :Lp] = prompt
-    timesteps = dream_timesteps(steps, eps)
-    one = np.float32(1.0)
 
-    for i in range(steps):
-        mask_index = x == mask_id
-        n_masked = int(mask_index.sum())
-        t = timesteps[i]
-        s = timesteps[i + 1]
-        if alg == "origin":
-            if n_masked == 0:
-                _report(progress, i + 1, steps)
-                continue
-            logits = _call_logits(logits_fn, x)
-            r, c = np.nonzero(mask_index)  # row-major, like torch's boolean indexing
-            p_transfer = float(one - s / t) if i < steps - 1 else 1.0
-            transfer = rng.random(r.shape[0]) < p_transfer
-            if transfer.any():
-                _, x0 = _sample_tokens(logits[r[transfer], c[transfer]], temperature, top_p, top_k, rng)
-                x[r[transfer], c[transfer]] = x0
-        else:
-            # float32 arithmetic exactly as the official code (0-dim float32 tensors, then int()).
-            num_mask_token = np.float32(n_masked) / np.float32(B)
-            if i < steps - 1:
-                n_transfer = int(num_mask_token * (one - s / t))
-            else:
-                n_transfer = int(num_mask_token)
-            if n_transfer <= 0:
-                # The official code runs the model and commits nothing; skip the call.
-                _report(progress, i + 1, steps)
-                continue
-            logits = _call_logits(logits_fn, x)
-            r, c = np.nonzero(mask_index)
-            conf, x0 = _sample_tokens(logits[r, c], temperature, top_p, top_k, rng, _CONFIDENCE[alg])
-            full_conf = np.full((B, T), -np.inf, dtype=np.float64)
-            full_conf[r, c] = conf
-            x_ = np.full((B, T), mask_id, dtype=np.int64)
-            x_[r, c] = x0
-            row_masked = mask_index.sum(axis=1)
-            for j in range(B):
-                # The official code takes n_transfer positions in every row; where a row has fewer
-                # masked positions than that (rows drifted apart because the model predicted the
-                # mask token) it would write the mask id over committed tokens. We cap at the row's
-                # masked count instead.
-                k = min(n_transfer, int(row_masked[j]))
-                if k == 0:
-                    continue
-                if not alg_temp:
-                    sel = _top_indices(full_conf[j], k)
-                else:
-                    # torch.multinomial(softmax(conf / alg_temp), k) without replacement ==
-                    # Gumbel-top-k on conf / alg_temp (same distribution; immune to underflow).
-                    keys = np.full(T, -np.inf)
-                    m = mask_index[j]
-                    keys[m] = full_conf[j, m] / alg_temp + rng.gumbel(size=int(m.sum()))
-                    sel = _top_indices(keys, k)
-                x[j, sel] = x_[j, sel]
-        _report(progress, i + 1, steps)
-    return x
+def _origin_step(logits_fn: LogitsFn, x: np.ndarray, mask_id: int, t: np.float32, s: np.float32, last: bool,
+                 sampling: tuple) -> None:
+    """``origin``, in place: each masked token is revealed with probability ``1 - s/t`` (all at the last step)."""
+    mask_index = x == mask_id
+    if not mask_index.any():
+        return
+    logits = _call_logits(logits_fn, x)
+    r, c = np.nonzero(mask_index)  # row-major, like torch's boolean indexing
+    p_transfer = 1.0 if last else float(np.float32(1.0) - s / t)
+    temperature, top_p, top_k, rng = sampling
+    transfer = rng.random(r.shape[0]) < p_transfer
+    if transfer.any():
+        _, x0 = _sample_tokens(logits[r[transfer], c[transfer]], temperature, top_p, top_k, rng)
+        x[r[transfer], c[transfer]] = x0
+
+
+def _transfer_count(n_masked: int, batch: int, t: np.float32, s: np.float32, last: bool) -> int:
+    """Tokens to commit per row this step: ``int(n_mask * (1 - s/t))`` (all remaining at the last step), with
+    ``n_mask`` the batch's mean mask count, in float32 exactly as the official code (0-dim tensors, int())."""
+    num_mask_token = np.float32(n_masked) / np.float32(batch)
+    return int(num_mask_token) if last else int(num_mask_token * (np.float32(1.0) - s / t))
+
+
+def _confident_step(logits_fn: LogitsFn, x: np.ndarray, mask_id: int, t: np.float32, s: np.float32, last: bool,
+                    alg: str, alg_temp: Optional[float], sampling: tuple) -> None:
+    """``maskgit_plus`` / ``topk_margin`` / ``entropy``, in place: commit the most confident masked tokens."""
+    B, T = x.shape
+    mask_index = x == mask_id
+    n_transfer = _transfer_count(int(mask_index.sum()), B, t, s, last)
+    if n_transfer <= 0:
+        return  # the official code runs the model and commits nothing; we skip the call
+    temperature, top_p, top_k, rng = sampling
+    logits = _call_logits(logits_fn, x)
+    r, c = np.nonzero(mask_index)
+    conf, x0 = _sample_tokens(logits[r, c], temperature, top_p, top_k, rng, _CONFIDENCE[alg])
+    full_conf = np.full((B, T), -np.inf, dtype=np.float64)
+    full_conf[r, c] = conf
+    x_ = np.full((B, T), mask_id, dtype=np.int64)
+    x_[r, c] = x0
+    row_masked = mask_index.sum(axis=1)
+    for j in range(B):
+        # The official code takes n_transfer positions in every row; where a row has fewer masked
+        # positions than that (rows drifted apart because the model predicted the mask token) it would
+        # write the mask id over committed tokens. We cap at the row's masked count instead.
+        k = min(n_transfer, int(row_masked[j]))
+        if k:
+            sel = _choose_positions(full_conf[j], mask_index[j], k, alg_temp, rng)
+            x[j, sel] = x_[j, sel]
+
+
+def _choose_positions(conf: np.ndarray, masked: np.ndarray, k: int, alg_temp: Optional[float],
+                      rng: np.random.Generator) -> np.ndarray:
+    """``k`` positions of one row: the top-k confidences, or with ``alg_temp > 0`` a draw without
+    replacement from ``softmax(conf / alg_temp)`` (torch.multinomial), done as Gumbel-top-k on
+    ``conf / alg_temp`` (the same distribution; immune to underflow)."""
+    if not alg_temp:
+        return _top_indices(conf, k)
+    keys = np.full(conf.shape[0], -np.inf)
+    keys[masked] = conf[masked] / alg_temp + rng.gumbel(size=int(masked.sum()))
+    return _top_indices(keys, k)

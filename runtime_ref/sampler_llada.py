@@ -63,6 +63,37 @@ def llada_generate(
         which the official code also treats as a position to fill).
     """
     prompt = _check_prompt(prompt, mask_id)
+    steps, gen_length, block_length, temperature, cfg_scale, seed = _check_llada_args(
+        steps, gen_length, block_length, temperature, cfg_scale, remasking, seed)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+
+    rng = np.random.default_rng(seed)
+    B, Lp = prompt.shape
+    x = np.full((B, Lp + gen_length), mask_id, dtype=np.int64)
+    x[:, :Lp] = prompt
+    prompt_index = x != mask_id
+
+    done = 0
+    for num_block in range(num_blocks):
+        b1 = Lp + (num_block + 1) * block_length
+        num_transfer = get_num_transfer_tokens(x[:, b1 - block_length:b1] == mask_id, steps_per_block)
+        for i in range(steps_per_block):
+            # A step that cannot commit anything (more steps than masks) leaves the canvas as it is; the
+            # official code still runs the model, we skip the call.
+            if num_transfer[:, i].any():
+                r, c, logits = _candidate_logits(logits_fn, x, prompt_index, b1, mask_id, cfg_scale)
+                x0c = _predict(logits, temperature, rng)
+                conf = _confidence(logits, x0c, remasking, rng)
+                _commit(x, r, c, x0c, conf, num_transfer[:, i])
+            done += 1
+            _report(progress, done, steps)
+    return x
+
+
+def _check_llada_args(steps, gen_length, block_length, temperature, cfg_scale, remasking,
+                      seed) -> tuple[int, int, int, float, float, int]:
+    """Validated ``(steps, gen_length, block_length, temperature, cfg_scale, seed)``."""
     steps = _check_int("steps", steps, 1)
     gen_length = _check_int("gen_length", gen_length, 1)
     block_length = _check_int("block_length", block_length, 1)
@@ -81,75 +112,61 @@ def llada_generate(
             f"steps ({steps}) must be a multiple of the number of blocks "
             f"({num_blocks} = gen_length {gen_length} / block_length {block_length})"
         )
-    steps_per_block = steps // num_blocks
-    seed = _check_int("seed", seed, 0)
-
-    rng = np.random.default_rng(seed)
-    B, Lp = prompt.shape
-    T = Lp + gen_length
-    x = np.full((B, T), mask_id, dtype=np.int64)
-    x[:, :Lp] = prompt
-    prompt_index = x != mask_id
-    cfg = np.float32(cfg_scale + 1.0)
-
-    done = 0
-    for num_block in range(num_blocks):
-        b0 = Lp + num_block * block_length
-        b1 = b0 + block_length
-        num_transfer = get_num_transfer_tokens(x[:, b0:b1] == mask_id, steps_per_block)
-        for i in range(steps_per_block):
-            if not num_transfer[:, i].any():
-                # Nothing can be committed this step (more steps than masks): the official code
-                # still runs the model, but the canvas cannot change, so we skip the call.
-                done += 1
-                _report(progress, done, steps)
-                continue
-            mask_index = x == mask_id
-            # Only masked positions of the current block (and before it) can be committed: the
-            # official code computes x0 and the confidence everywhere and then sets the rest to
-            # x / -inf; we compute them only where they can matter (the same result, less memory).
-            cand = mask_index.copy()
-            cand[:, b1:] = False
-            r, c = np.nonzero(cand)
-            if cfg_scale > 0.0:
-                un_x = x.copy()
-                un_x[prompt_index] = mask_id
-                both = _call_logits(logits_fn, np.concatenate([x, un_x], axis=0))
-                cond, un = both[:B][r, c], both[B:][r, c]
-                logits = un + cfg * (cond - un)  # float32, as the official code computes it
-            else:
-                logits = _call_logits(logits_fn, x)[r, c]  # [M, V]
-
-            if temperature == 0.0:
-                x0c = np.argmax(logits, axis=-1)
-            else:
-                # Official: argmax of exp(l) / (-log u) ** T in float64. We take the argmax of its
-                # log, l - T * log(-log u): the same token (log is monotonic) without overflowing
-                # exp for large logits.
-                u = rng.random(logits.shape)
-                with np.errstate(divide="ignore"):
-                    g = np.log(-np.log(u))
-                x0c = np.argmax(logits.astype(np.float64) - temperature * g, axis=-1)
-
-            if remasking == "low_confidence":
-                # softmax probability of the chosen token, of the un-noised logits
-                logp = _log_softmax64(logits)
-                pc = np.exp(logp[np.arange(logits.shape[0]), x0c])
-            else:
-                pc = rng.random(r.shape[0])
-
-            x0 = x.copy()
-            x0[r, c] = x0c
-            confidence = np.full((B, T), -np.inf)
-            confidence[r, c] = pc
-            for j in range(B):
-                sel = _top_indices(confidence[j], int(num_transfer[j, i]))
-                x[j, sel] = x0[j, sel]
-            done += 1
-            _report(progress, done, steps)
-    return x
+    return steps, gen_length, block_length, temperature, cfg_scale, _check_int("seed", seed, 0)
 
 
-# --------------------------------------------------------------------------------------------
-# Dream
-# --------------------------------------------------------------------------------------------
+def _candidate_logits(logits_fn: LogitsFn, x: np.ndarray, prompt_index: np.ndarray, block_end: int, mask_id: int,
+                      cfg_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions that may be committed now and their logits: ``(rows, cols, float32 [M, V])``.
+
+    Candidates are the masked positions of the current block and before it. The official code computes
+    x0 and the confidence everywhere and then sets the rest to x / -inf; computing them only where they
+    can matter gives the same result with less memory. With ``cfg_scale > 0`` the model also sees an
+    unconditional copy (prompt masked) and ``logits = un + (cfg_scale + 1) * (cond - un)`` in float32.
+    """
+    B = x.shape[0]
+    cand = x == mask_id
+    cand[:, block_end:] = False
+    r, c = np.nonzero(cand)
+    if cfg_scale > 0.0:
+        un_x = x.copy()
+        un_x[prompt_index] = mask_id
+        both = _call_logits(logits_fn, np.concatenate([x, un_x], axis=0))
+        cond, un = both[:B][r, c], both[B:][r, c]
+        return r, c, un + np.float32(cfg_scale + 1.0) * (cond - un)
+    return r, c, _call_logits(logits_fn, x)[r, c]
+
+
+def _predict(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """The token each candidate would become, int64 ``[M]``: argmax, or Gumbel-max at ``temperature > 0``.
+
+    Official: argmax of ``exp(l) / (-log u) ** T`` in float64. We take the argmax of its log,
+    ``l - T * log(-log u)``: the same token (log is monotonic) without overflowing exp for large logits.
+    """
+    if temperature == 0.0:
+        return np.argmax(logits, axis=-1)
+    u = rng.random(logits.shape)
+    with np.errstate(divide="ignore"):
+        g = np.log(-np.log(u))
+    return np.argmax(logits.astype(np.float64) - temperature * g, axis=-1)
+
+
+def _confidence(logits: np.ndarray, x0c: np.ndarray, remasking: str, rng: np.random.Generator) -> np.ndarray:
+    """float64 ``[M]``: the softmax probability of the predicted token under the un-noised logits
+    (``low_confidence``), or uniform noise (``random``)."""
+    if remasking == "low_confidence":
+        logp = _log_softmax64(logits)
+        return np.exp(logp[np.arange(logits.shape[0]), x0c])
+    return rng.random(x0c.shape[0])
+
+
+def _commit(x: np.ndarray, r: np.ndarray, c: np.ndarray, x0c: np.ndarray, conf: np.ndarray, counts: np.ndarray) -> None:
+    """In place: in each row ``j`` of ``x``, write the ``counts[j]`` most confident candidates' tokens."""
+    B, T = x.shape
+    x0 = x.copy()
+    x0[r, c] = x0c
+    confidence = np.full((B, T), -np.inf)
+    confidence[r, c] = conf
+    for j in range(B):
+        sel = _top_indices(confidence[j], int(counts[j]))
+        x[j, sel] = x0[j, sel]

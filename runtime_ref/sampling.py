@@ -15,11 +15,6 @@ LLADA_REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
-# --------------------------------------------------------------------------------------------
-# shared helpers
-# --------------------------------------------------------------------------------------------
-
-
 def _check_prompt(prompt: np.ndarray, mask_id: int) -> np.ndarray:
     arr = np.asarray(prompt)
     if arr.ndim == 1:
@@ -93,8 +88,3 @@ def _top_indices(conf_row: np.ndarray, k: int) -> np.ndarray:
 def _report(progress: Progress, done: int, total: int) -> None:
     if progress is not None:
         progress(done, total)
-
-
-# --------------------------------------------------------------------------------------------
-# LLaDA
-# --------------------------------------------------------------------------------------------
