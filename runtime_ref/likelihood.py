@@ -127,20 +127,44 @@ def masked_nll(
 
     Cross-entropies are computed in float64 from the float32 logits with a stable log-softmax.
     """
+    w_arr = _as_windows(windows)
+    n_mc = _check_int("n_mc", n_mc, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    _check_tokens(w_arr, mask_id, protect_first)
+    N, L = w_arr.shape
+    L_eff = L - 1 if protect_first else L
+
+    total = N * n_mc
+    est = np.zeros(total, dtype=np.float64)
+    masks_of = _WindowMasks(L, n_mc, seed, protect_first)
+    for start in range(0, total, batch_size):
+        flat = np.arange(start, min(start + batch_size, total))
+        masks = np.stack([masks_of.sample(int(f)) for f in flat])  # [b, L]: sample f = window f // n_mc
+        targets = w_arr[flat // n_mc]  # [b, L]
+        ce_sum = _masked_ce_sums(logits_fn, masks, targets, mask_id)
+        est[flat] = ce_sum / (masks.sum(axis=1) / L_eff) / L_eff  # sum CE / p_mask / L
+        if progress is not None:
+            progress(int(flat[-1]) + 1, total)
+    return _result(est.reshape(N, n_mc), L_eff)
+
+
+def _as_windows(windows: np.ndarray) -> np.ndarray:
+    """``windows`` as int64 ``[N, L]``, refused when empty or not integers."""
     w_arr = np.asarray(windows)
     if w_arr.ndim != 2 or w_arr.shape[0] < 1 or w_arr.shape[1] < 1:
         raise QdllmError(f"windows must be a non-empty 2-D int array [n_windows, seq_len], got shape {w_arr.shape}")
     if not np.issubdtype(w_arr.dtype, np.integer):
         raise QdllmError(f"windows must hold integer token ids, got dtype {w_arr.dtype}")
-    w_arr = w_arr.astype(np.int64, copy=False)
-    N, L = w_arr.shape
-    n_mc = _check_int("n_mc", n_mc, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
+    return w_arr.astype(np.int64, copy=False)
+
+
+def _check_tokens(w_arr: np.ndarray, mask_id: int, protect_first: bool) -> None:
+    """Refuse a bad ``mask_id``, windows too short to score, negative ids, and text holding the mask id."""
     if isinstance(mask_id, bool) or not isinstance(mask_id, (int, np.integer)) or mask_id < 0:
         raise QdllmError(f"mask_id must be a non-negative int, got {mask_id!r}")
-    if protect_first and L < 2:
-        raise QdllmError(f"seq_len {L} is too short: with protect_first at least 2 tokens are needed")
+    if protect_first and w_arr.shape[1] < 2:
+        raise QdllmError(f"seq_len {w_arr.shape[1]} is too short: with protect_first at least 2 tokens are needed")
     if w_arr.min() < 0:
         raise QdllmError(f"windows hold a negative token id ({int(w_arr.min())})")
     if (w_arr == mask_id).any():
@@ -148,61 +172,58 @@ def masked_nll(
             f"the text contains the mask token id {mask_id}; a masked-diffusion model cannot score it "
             "(remove it from the text or check the tokenizer)"
         )
-    L_eff = L - 1 if protect_first else L
 
-    total = N * n_mc
-    est = np.zeros(total, dtype=np.float64)
-    cached_w = -1
-    cached_masks: Optional[np.ndarray] = None
-    for start in range(0, total, batch_size):
-        flat = np.arange(start, min(start + batch_size, total))
-        masks = np.zeros((flat.size, L), dtype=bool)
-        targets = np.empty((flat.size, L), dtype=np.int64)
-        for r, f in enumerate(flat):
-            w, m = divmod(int(f), n_mc)
-            if w != cached_w:
-                cached_masks = window_masks(w, L, n_mc, seed, protect_first)
-                cached_w = w
-            masks[r] = cached_masks[m]
-            targets[r] = w_arr[w]
-        ids = np.where(masks, np.int64(mask_id), targets)
-        logits = np.asarray(logits_fn(ids))
-        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-            raise QdllmError(
-                f"logits_fn returned shape {logits.shape} for ids of shape {ids.shape}; "
-                f"expected ({ids.shape[0]}, {ids.shape[1]}, vocab)"
-            )
-        V = logits.shape[2]
-        if int(targets.max()) >= V:
-            raise QdllmError(f"the text has token id {int(targets.max())} but the model's vocabulary has {V} entries")
-        rr, cc = np.nonzero(masks)
-        sel = logits[rr, cc].astype(np.float64)  # [n_masked, V]
-        mx = sel.max(axis=1, keepdims=True)
-        if not np.isfinite(mx).all():
-            raise QdllmError("logits_fn returned non-finite logits at a masked position")
-        lse = mx[:, 0] + np.log(np.exp(sel - mx).sum(axis=1))
-        ce = lse - sel[np.arange(sel.shape[0]), targets[rr, cc]]
-        if not np.isfinite(ce).all():
-            raise QdllmError("non-finite cross-entropy: the model gives probability 0 to a text token")
-        ce_sum = np.bincount(rr, weights=ce, minlength=flat.size)
-        k = masks.sum(axis=1)
-        p_mask = k / L_eff
-        est[flat] = ce_sum / p_mask / L_eff
-        if progress is not None:
-            progress(int(flat[-1]) + 1, total)
 
-    per_sample = est.reshape(N, n_mc)
+class _WindowMasks:
+    """Sample ``f``'s mask (window ``f // n_mc``, sample ``f % n_mc``), one window's masks drawn at a time."""
+
+    def __init__(self, seq_len: int, n_mc: int, seed: int, protect_first: bool):
+        self.args = (seq_len, n_mc, seed, protect_first)
+        self.window, self.masks = -1, np.zeros((0, seq_len), dtype=bool)
+
+    def sample(self, f: int) -> np.ndarray:
+        w, m = divmod(f, self.args[1])
+        if w != self.window:
+            self.window, self.masks = w, window_masks(w, *self.args)
+        return self.masks[m]
+
+
+def _masked_ce_sums(logits_fn: LogitsFn, masks: np.ndarray, targets: np.ndarray, mask_id: int) -> np.ndarray:
+    """float64 ``[b]``: per row, the summed cross-entropy (float64, stable log-softmax) of the masked tokens."""
+    ids = np.where(masks, np.int64(mask_id), targets)
+    logits = np.asarray(logits_fn(ids))
+    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+        raise QdllmError(
+            f"logits_fn returned shape {logits.shape} for ids of shape {ids.shape}; "
+            f"expected ({ids.shape[0]}, {ids.shape[1]}, vocab)"
+        )
+    V = logits.shape[2]
+    if int(targets.max()) >= V:
+        raise QdllmError(f"the text has token id {int(targets.max())} but the model's vocabulary has {V} entries")
+    rr, cc = np.nonzero(masks)
+    sel = logits[rr, cc].astype(np.float64)  # [n_masked, V]
+    mx = sel.max(axis=1, keepdims=True)
+    if not np.isfinite(mx).all():
+        raise QdllmError("logits_fn returned non-finite logits at a masked position")
+    lse = mx[:, 0] + np.log(np.exp(sel - mx).sum(axis=1))
+    ce = lse - sel[np.arange(sel.shape[0]), targets[rr, cc]]
+    if not np.isfinite(ce).all():
+        raise QdllmError("non-finite cross-entropy: the model gives probability 0 to a text token")
+    return np.bincount(rr, weights=ce, minlength=masks.shape[0])
+
+
+def _result(per_sample: np.ndarray, L_eff: int) -> NLLResult:
+    """The mean and its standard error from float64 ``[N, n_mc]`` per-sample estimates."""
+    N, n_mc = per_sample.shape
     per_window = per_sample.mean(axis=1)
-    nll = float(per_window.mean())
     if N >= 2:
         stderr = float(per_window.std(ddof=1) / math.sqrt(N))
     elif n_mc >= 2:
         stderr = float(per_sample[0].std(ddof=1) / math.sqrt(n_mc))
     else:
         stderr = float("nan")
-    return NLLResult(
-        nll=nll, stderr=stderr, n_windows=N, n_tokens=N * L_eff, n_mc=n_mc, per_window=per_window
-    )
+    return NLLResult(nll=float(per_window.mean()), stderr=stderr, n_windows=N, n_tokens=N * L_eff, n_mc=n_mc,
+                     per_window=per_window)
 
 
 def text_windows(ids: np.ndarray, seq_len: int, max_windows: Optional[int] = None) -> np.ndarray:
