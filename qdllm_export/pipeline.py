@@ -104,9 +104,8 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
     return {r: a.H for r, a in acc.items()}
 
 
-def _groups(roles: list[str], true_sequential: bool) -> list[list[str]]:
-    if not true_sequential:
-        return [roles]
+def sequential_groups(roles: list[str]) -> list[list[str]]:
+    """``roles`` split into the true-sequential groups, in order (unknown roles last, together)."""
     groups = [[r for r in g if r in roles] for g in SEQUENTIAL_GROUPS]
     rest = [r for r in roles if not any(r in g for g in groups)]
     return [g for g in groups if g] + ([rest] if rest else [])
@@ -144,7 +143,7 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     y_ref = _run_block(block, calib.x[: calib.batch].clone(), calib.cos, calib.sin, calib.batch) if data else None
     plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
     out: dict[str, Any] = {}
-    for g, group in enumerate(_groups(roles, true_sequential)):
+    for g, group in enumerate(sequential_groups(roles) if true_sequential else [roles]):
         if data and g > 0:
             Hs.update(collect_hessians(block, group, calib.x, calib.cos, calib.sin, calib.batch))
         for r in group:

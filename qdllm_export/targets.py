@@ -48,8 +48,12 @@ class PlanesTarget:
         roles = list(weights)
         if self.cfg.method != "quant-dllm" or not self.cfg.abmp:
             return {r: None for r in roles}
-        scores = [block_scores(weights[r], None if Hs is None else Hs[r], self.cfg, name=f"blk.{i}.{r}.weight") for r in roles]
-        return dict(zip(roles, abmp_assign_pooled(scores, self.cfg.bits, self.cfg.abmp_ratio, what=f"block {i}")))
+        scores = {r: block_scores(weights[r], None if Hs is None else Hs[r], self.cfg, name=f"blk.{i}.{r}.weight") for r in roles}
+        plan: dict[str, Any] = {}
+        for pool in abmp_pools(roles, self.cfg.abmp_pool):
+            planes = abmp_assign_pooled([scores[r] for r in pool], self.cfg.bits, self.cfg.abmp_ratio, what=f"block {i} {'/'.join(pool)}")
+            plan.update(zip(pool, planes))
+        return plan
 
     def quantize(self, name: str, W: torch.Tensor, H: torch.Tensor | None, plan: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
         res = quantize_weight(W, H, self.cfg, planes=plan, name=name)
@@ -61,6 +65,17 @@ class PlanesTarget:
     def record(self) -> dict[str, Any]:
         return {"target": "planes", "method": self.cfg.method, "bits": self.cfg.bits, "group_size": self.cfg.group_size,
                 "options": self.cfg.to_dict()}
+
+
+def abmp_pools(roles: list[str], pool: str) -> list[list[str]]:
+    """The linears ABMP ranks together: all of the block, each true-sequential group, or each linear."""
+    if pool == "block":
+        return [roles]
+    if pool == "linear":
+        return [[r] for r in roles]
+    from qdllm_export.pipeline import sequential_groups
+
+    return sequential_groups(roles)
 
 
 def native_uniform_bits(bits: int, group_size: int) -> float:

@@ -66,7 +66,8 @@ def quantize_weight(
             else:
                 if H is None:
                     raise QdllmError(f"{tensor_label(name)}: method gptq needs the layer-input Hessian H")
-                qt, w_hat = gptq_quantize(W, H.to(W.device), cfg.int_bits, cfg.group_size, cfg.percdamp, name=name)
+                qt, w_hat = gptq_quantize(W, H.to(W.device), cfg.int_bits, cfg.group_size, cfg.percdamp, name=name,
+                                          act_order=cfg.act_order, static_groups=cfg.static_groups)
         stats = error_stats(W, w_hat, H)
     stats.update(
         method=cfg.method,

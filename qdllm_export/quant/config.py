@@ -13,6 +13,8 @@ METHODS = ("quant-dllm", "rtn", "gptq")
 IMPORTANCE = ("hdiag", "obs", "schur")
 OUTLIER_SCOPES = ("layer", "block")
 COMPENSATIONS = ("exact", "diag")
+METRICS = ("diag", "full")
+ABMP_POOLS = ("block", "group", "linear")
 
 
 @dataclass
@@ -38,6 +40,10 @@ class QuantConfig:
     dor_base: bool = True  # A_ij = d_j (1 + c Pi_ij) instead of (1 + c Pi_ij)
     outlier_scope: str = "layer"  # mean/std of Z for the 3-sigma rule: whole layer or per block
     compensation: str = "exact"  # block error propagation: exact (Delta U_BB^-1) or diag (BiLLM)
+    metric: str = "diag"  # DAQ scale refits: diag (weights A) or full (in-block quadratic form)
+    abmp_pool: str = "block"  # ABMP ranks the blocks of: every linear of a transformer block | each true-sequential group | each linear
+    act_order: bool = False  # GPTQ: columns by decreasing H_jj (GPTQModel desc_act; implies static groups)
+    static_groups: bool = False  # GPTQ: every group's grid fixed from the weights before any update
     percdamp: float = 0.01
     seed: int = 0
 
@@ -58,7 +64,9 @@ class QuantConfig:
                 bad(f"bits (mean binary planes per block) must be in [1, {MAX_PLANES}], got {self.bits:g}")
             if not self.abmp and self.bits != int(self.bits):
                 bad(f"bits={self.bits:g} is not an integer; a fractional budget needs abmp on")
-        for f in ("abmp", "data_aware", "dor_base"):
+        if self.abmp_pool not in ABMP_POOLS:
+            bad(f"abmp_pool {self.abmp_pool!r} is not one of {', '.join(ABMP_POOLS)}")
+        for f in ("abmp", "data_aware", "dor_base", "act_order", "static_groups"):
             if not isinstance(getattr(self, f), bool):
                 bad(f"{f} must be true or false, got {getattr(self, f)!r}")
         for f in ("group_size", "iters", "seed"):
@@ -83,6 +91,8 @@ class QuantConfig:
             bad(f"importance {self.importance!r} is not one of {', '.join(IMPORTANCE)}")
         if self.outlier_scope not in OUTLIER_SCOPES:
             bad(f"outlier_scope {self.outlier_scope!r} is not one of {', '.join(OUTLIER_SCOPES)}")
+        if self.metric not in METRICS:
+            bad(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.compensation not in COMPENSATIONS:
             bad(f"compensation {self.compensation!r} is not one of {', '.join(COMPENSATIONS)}")
 

@@ -63,6 +63,24 @@ def rsr_col_update(T: torch.Tensor, A: torch.Tensor, S: torch.Tensor, ar: torch.
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), old)
 
 
+def rsr_row_update_full(T: torch.Tensor, M: torch.Tensor, S: torch.Tensor, ac: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """argmin over ``ar`` of ``sum_i (T_i - ar_i v_i) M (T_i - ar_i v_i)^T`` with ``v_i = ac * S_i`` (full metric ``M [G, G]``)."""
+    V = S * ac[None, :]
+    num = ((T @ M) * V).sum(dim=1)
+    den = ((V @ M) * V).sum(dim=1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), old)
+
+
+def rsr_col_update_full(T: torch.Tensor, M: torch.Tensor, S: torch.Tensor, ar: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """argmin over ``ac`` of ``sum_i (T_i - ar_i (ac * S_i)) M (...)^T``: the ``G x G`` normal equations
+    ``(M o S^T diag(ar^2) S) ac = sum_i ar_i S_i o (M T_i^T)``."""
+    A = M * (S.t() @ (S * (ar * ar)[:, None]))
+    b = ((T @ M) * S * ar[:, None]).sum(dim=0)
+    A = A + torch.eye(A.shape[0], dtype=A.dtype, device=A.device) * (1e-9 * A.diagonal().mean().clamp_min(1e-30))
+    sol = torch.linalg.solve(A.double(), b.double()).to(torch.float32)
+    return torch.where(torch.isfinite(sol), sol, old)
+
+
 def joint_reround(W: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
     """Signs ``[K, n, G]`` (+-1 float) minimising ``|W - sum_k s_k rs_k cs_k|`` per element over all
     ``2^K`` combinations (ties: the lowest combination index, bit k set = +1 for plane k)."""
@@ -99,8 +117,10 @@ def greedy_init(W: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, to
     return torch.stack(rs), torch.stack(cs), torch.stack(S)
 
 
-def rsr_sweep(W: torch.Tensor, A: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, S: torch.Tensor) -> None:
-    """One pass of row-then-column rescaling over every plane (in place), signs fixed."""
+def rsr_sweep(W: torch.Tensor, A: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, S: torch.Tensor,
+              M: torch.Tensor | None = None) -> None:
+    """One pass of row-then-column rescaling over every plane (in place), signs fixed. With ``M [G, G]``
+    the refits minimise the full in-block quadratic form ``tr(D M D^T)`` instead of ``sum A D^2``."""
     K = S.shape[0]
     for k in range(K):
         others = torch.zeros_like(W)
@@ -108,8 +128,12 @@ def rsr_sweep(W: torch.Tensor, A: torch.Tensor, rs: torch.Tensor, cs: torch.Tens
             if l != k:
                 others = others + (rs[l][:, None] * cs[l][None, :]) * S[l]
         T = W - others
-        rs[k] = rsr_row_update(T, A, S[k], cs[k], rs[k])
-        cs[k] = rsr_col_update(T, A, S[k], rs[k], cs[k])
+        if M is None:
+            rs[k] = rsr_row_update(T, A, S[k], cs[k], rs[k])
+            cs[k] = rsr_col_update(T, A, S[k], rs[k], cs[k])
+        else:
+            rs[k] = rsr_row_update_full(T, M, S[k], cs[k], rs[k])
+            cs[k] = rsr_col_update_full(T, M, S[k], rs[k], cs[k])
 
 
 def balance_scales(rs: torch.Tensor, cs: torch.Tensor) -> None:
@@ -133,16 +157,18 @@ class DaqBlock:
 
 
 def daq_block(
-    W: torch.Tensor, A: torch.Tensor | None, K: int, iters: int, fp16: bool = True, track: bool = False, name: str = ""
+    W: torch.Tensor, A: torch.Tensor | None, K: int, iters: int, fp16: bool = True, track: bool = False, name: str = "",
+    M: torch.Tensor | None = None,
 ) -> DaqBlock:
-    """DAQ of one block ``W [n, G]`` with element weights ``A`` (None = uniform) and ``K`` planes."""
+    """DAQ of one block ``W [n, G]`` with element weights ``A`` (None = uniform) and ``K`` planes;
+    ``M [G, G]``: full metric for the scale refits (``QuantConfig.metric == "full"``)."""
     W = W.to(torch.float32)
     if A is None:
         A = torch.ones_like(W)
     rs, cs, S = greedy_init(W, K)
     losses = [weighted_loss(W, A, planes_sum(rs, cs, S))] if track else []
     for _ in range(iters):
-        rsr_sweep(W, A, rs, cs, S)
+        rsr_sweep(W, A, rs, cs, S, M)
         S = joint_reround(W, rs, cs)
         if track:
             losses.append(weighted_loss(W, A, planes_sum(rs, cs, S)))
@@ -229,6 +255,15 @@ def dor_weights(Wb: torch.Tensor, db: torch.Tensor | None, cfg: QuantConfig, ctx
     return A
 
 
+def block_metric(Ubb: torch.Tensor) -> torch.Tensor:
+    """``(U_BB^T U_BB)^-1`` normalised to mean diagonal 1: the block's Hessian after the later columns
+    are optimally compensated (its diagonal is the ``schur`` column factor)."""
+    eye = torch.eye(Ubb.shape[0], dtype=torch.float32, device=Ubb.device)
+    Ui = torch.linalg.solve_triangular(Ubb, eye, upper=True)
+    M = Ui @ Ui.t()
+    return M / M.diagonal().mean().clamp_min(1e-30)
+
+
 def daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, planes: np.ndarray | None = None, name: str = ""):
     """Quant-dLLM on one weight. Returns ``(QuantizedTensor, W_hat fp32 torch, planes)``."""
     W = W.detach().to(torch.float32).clone()
@@ -250,7 +285,8 @@ def daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, plan
         Wb = W[:, c0:c1]
         db = ctx.d[c0:c1] if ctx.d is not None else None
         A = dor_weights(Wb, db, cfg, ctx) if cfg.data_aware else None
-        blk = daq_block(Wb, A, int(planes[j]), cfg.iters, fp16=True, name=name)
+        M = block_metric(U[c0:c1, c0:c1]) if cfg.metric == "full" and cfg.data_aware and U is not None else None
+        blk = daq_block(Wb, A, int(planes[j]), cfg.iters, fp16=True, name=name, M=M)
         W_hat[:, c0:c1] = blk.Q
         col.add_block(j, blk.rs, blk.cs, blk.S > 0)
         if U is not None and c1 < n_in:

@@ -100,40 +100,54 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, name: str = 
 
 
 def gptq_quantize(
-    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, percdamp: float = 0.01, name: str = ""
+    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, percdamp: float = 0.01, name: str = "",
+    act_order: bool = False, static_groups: bool = False,
 ):
-    """Standard GPTQ (Frantar et al.; ``fasterquant`` with ``groupsize``, no act-order, lazy batch
-    updates over ``group_size``-column blocks). Each group's scale/zero is found when the group
-    starts, from the error-updated weights; every column is rounded to the stored fp16 grid and
-    the error of the stored value is fed back. Returns ``(QuantizedTensor, W_hat fp32)``."""
+    """GPTQ (Frantar et al.; ``fasterquant`` with ``groupsize``, lazy batch updates over
+    ``group_size``-column blocks). Each column is rounded to the stored fp16 grid of its group and the
+    error of the stored value is fed back. A group's scale/zero is found when its first column is
+    reached, from the error-updated weights; with ``static_groups`` every group's grid is fixed up front
+    from the weights (GPTQModel's ``static_groups``). ``act_order`` (GPTQModel's ``desc_act``) visits
+    columns by decreasing ``H_jj``; the binary-plane layout stores groups of contiguous columns, so
+    act-order implies static groups here (as GPTQModel's ``desc_act`` + ``static_groups``).
+    Returns ``(QuantizedTensor, W_hat fp32)``."""
     if H is None:
         raise QdllmError(f"tensor {name or '<unnamed>'}: GPTQ needs the layer-input Hessian H")
     W = W.detach().to(torch.float32).clone()
     n_out, n_in = W.shape
     G = group_size
     nb = n_in // G
-    U = inverse_hessian_factor(H.to(W.device), W, percdamp, name)  # zeroes dead columns of W
-    col = PlaneCollector((n_out, n_in), G, np.full(nb, bits, np.uint8))
+    H = H.to(W.device)
+    dead = torch.diag(H) == 0
+    W[:, dead] = 0.0
+    static = static_groups or act_order
+    grids: list[GroupGrid | None] = [GroupGrid(W[:, j * G : (j + 1) * G], bits, name) for j in range(nb)] if static else [None] * nb
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(n_in, device=W.device)
+    Wp = W[:, perm]
+    U = inverse_hessian_factor(H[perm][:, perm], Wp, percdamp, name)
+    codes = torch.zeros_like(W)
     W_hat = torch.empty_like(W)
-    mus = []
-    for j in range(nb):
-        i1, i2 = j * G, (j + 1) * G
-        W1 = W[:, i1:i2].clone()
+    for i1 in range(0, n_in, G):
+        i2 = i1 + G
+        W1 = Wp[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        Q1 = torch.zeros_like(W1)
-        grid = GroupGrid(W1, bits, name)
         for i in range(G):
+            col = int(perm[i1 + i])
+            j = col // G
+            if grids[j] is None:  # first column of a group (identity order): params from the updated weights
+                grids[j] = GroupGrid(W1[:, i : i + G], bits, name)
             w = W1[:, i : i + 1]
-            q = grid.codes(w)
-            Q1[:, i : i + 1] = q
-            v = grid.values(q)
-            W_hat[:, i1 + i] = v[:, 0]
+            q = grids[j].codes(w)
+            v = grids[j].values(q)
+            codes[:, col], W_hat[:, col] = q[:, 0], v[:, 0]
             err = (w[:, 0] - v[:, 0]) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        _store_group(col, j, grid, Q1, G)
-        mus.append(grid.mu)
-    qt = _finish(col, mus, name, {"method": "gptq", "bits": bits, "percdamp": percdamp})
+        Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    col = PlaneCollector((n_out, n_in), G, np.full(nb, bits, np.uint8))
+    for j in range(nb):
+        _store_group(col, j, grids[j], codes[:, j * G : (j + 1) * G], G)
+    meta = {"method": "gptq", "bits": bits, "percdamp": percdamp, "act_order": act_order, "static_groups": static}
+    qt = _finish(col, [g.mu for g in grids], name, meta)
     return qt, W_hat
