@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             r["max_rel_err_vs_fp32"] = float(np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max())
             r["top1_agreement_vs_fp32"] = float((y.argmax(-1) == ref.argmax(-1)).mean())
         d = r["describe"]
-        r["file_mb"] = d["file_size"] / 1e6
-        r["bits_per_weight_linears"] = d["bits_per_weight_quantized_file"]
+        r["file_mb"] = d["size_bytes"] / 1e6
+        r["bits_per_weight_linears"] = d["bits_per_weight_linear"]
     base = results.get("fp32", {}).get("median_ms")
     lines = [
         f"Machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs ({mach['physical_cores']} cores), "

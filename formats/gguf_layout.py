@@ -32,14 +32,6 @@ NPLANES = SUFFIX + "nplanes"
 MU = SUFFIX + "mu"
 
 
-def plane_name(weight: str, k: int) -> str:
-    return f"{weight}{SUFFIX}plane{k}"
-
-
-def cscale_name(weight: str, k: int) -> str:
-    return f"{weight}{SUFFIX}cscale{k}"
-
-
 def split_qdllm_name(name: str) -> tuple[str, str] | None:
     """``("blk.0.attn_q.weight", "plane1")`` for a plane-part tensor name, else None."""
     if SUFFIX not in name:

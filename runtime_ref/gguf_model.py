@@ -86,6 +86,9 @@ class GGUFBackend:
         return forward(self._run, np.asarray(ids), attn_mask=attn_mask)
 
     def describe(self) -> dict[str, Any]:
+        """``inspect`` figures, one key per fact (shared with the ONNX and checkpoint descriptions: ``format``,
+        ``path``, ``family``, ``hparams``, ``n_params``, ``tensors``, ``size_bytes``, ``bits_per_weight``,
+        ``bits_per_weight_linear``)."""
         m, hp = self.model, self.hparams
         infos = m.infos
         n_params = sum(int(np.prod(canonical_shape(hp, n))) for n in canonical_names(hp))
@@ -116,7 +119,6 @@ class GGUFBackend:
             "format": "gguf",
             "path": self.source,
             "family": hp.family,
-            "architecture": hp.family,
             "hparams": hp.to_dict(),
             "qk_permuted": m.permuted,
             "rope": self.tensors.rope,
@@ -125,16 +127,12 @@ class GGUFBackend:
             "qdllm": dict(m.qdllm_meta),
             "n_params": n_params,
             "n_tensors_file": len(infos),
-            "tensor_types": types,
             "tensors": rows,
             "n_quantized_linears": len(plane_counts),
             "mean_planes": float(all_planes.mean()) if all_planes.size else None,
-            "bits_per_weight_quantized": bpw_q,
-            "bits_per_weight_linear": bpw_q,
-            "bits_per_weight_file": 8.0 * size / n_params,
-            "bits_per_weight": 8.0 * size / n_params,
-            "bits_per_weight_tensors": 8.0 * data_bytes / n_params,
-            "file_size": size,
+            "bits_per_weight_linear": bpw_q,  # the quantized linears' tensors in this file
+            "bits_per_weight": 8.0 * size / n_params,  # the whole file
+            "bits_per_weight_tensors": 8.0 * data_bytes / n_params,  # all tensor data, no header
             "size_bytes": size,
             "vocab": None if self.tokenizer is None else self.tokenizer.get_vocab_size(),
         }

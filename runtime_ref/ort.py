@@ -124,6 +124,7 @@ class OrtBackend:
         return shift_right(out) if self.info.shift_logits else out
 
     def describe(self) -> dict[str, Any]:
+        """``inspect`` figures, one key per fact (see ``GGUFBackend.describe`` for the shared keys)."""
         info, hp = self.info, self.hparams
         types: dict[str, str] = {}
         planes = []
@@ -140,7 +141,6 @@ class OrtBackend:
             "format": "onnx",
             "path": self.source,
             "family": hp.family,
-            "architecture": hp.family,
             "hparams": hp.to_dict(),
             "format_version": info.format_version,
             "outtype": info.outtype,
@@ -150,18 +150,15 @@ class OrtBackend:
             "shift_logits": info.shift_logits,
             "qdllm": dict(info.meta),
             "n_params": info.n_params,
-            "tensor_types": types,
             "n_quantized_linears": len(planes),
             "mean_planes": float(all_planes.mean()) if all_planes.size else None,
             "group_size": info.group_size,
-            "bits_per_weight_quantized": info.bits_per_weight,
-            "bits_per_weight_quantized_file": info.file_bits_per_weight,
-            "bits_per_weight_file": 8.0 * info.file_size / info.n_params,
-            "bits_per_weight": 8.0 * info.file_size / info.n_params,
-            "bits_per_weight_linear": info.file_bits_per_weight,
+            "bits_per_weight": 8.0 * info.file_size / info.n_params,  # the whole file (and its external data)
+            "bits_per_weight_linear": info.file_bits_per_weight,  # the quantized linears' initializers in this file
+            # ... and as the quantized tensors count them (1 bit per sign): differs for matmulnbits' 2-bit codes
+            "bits_per_weight_linear_tensor": info.bits_per_weight,
             "tensors": [{"name": n, "shape": list(canonical_shape(hp, n)), "type": t,
                          "bits_per_weight": None} for n, t in types.items()],
-            "file_size": info.file_size,
             "size_bytes": info.file_size,
             "external_data": info.external_files,
             "keep_packed": self.keep_packed,

@@ -186,13 +186,13 @@ def test_backend_describe(written):
     family, src, _, path = written
     be = GGUFBackend(path)
     d = be.describe()
-    assert d["format"] == "gguf" and d["family"] == family and d["file_size"] == path.stat().st_size
+    assert d["format"] == "gguf" and d["family"] == family and d["size_bytes"] == path.stat().st_size
     n_lin = sum(isinstance(src.get(n), QuantizedTensor) for n in src.names())
     assert d["n_quantized_linears"] == n_lin and d["qk_permuted"] == (family == "llada")
     qs = [src.get(n) for n in src.names() if isinstance(src.get(n), QuantizedTensor)]
     want_bpw = sum(q.stored_bits() for q in qs) / sum(q.shape[0] * q.shape[1] for q in qs)
-    assert d["bits_per_weight_quantized"] == pytest.approx(want_bpw, rel=1e-12)
-    assert d["tensor_types"]["blk.0.attn_q.weight"].startswith("Q1_0 planes")
+    assert d["bits_per_weight_linear"] == pytest.approx(want_bpw, rel=1e-12)
+    assert {r["name"]: r["type"] for r in d["tensors"]}["blk.0.attn_q.weight"].startswith("Q1_0 planes")
     ids = np.arange(12)[None] % src.hparams.n_vocab
     logits = be.logits(ids)
     assert logits.shape == (1, 12, src.hparams.n_vocab) and logits.dtype == np.float32

@@ -188,9 +188,9 @@ def test_metadata_describe_tokenizer(models, tmp_path):
     be = OrtBackend(path)
     d = be.describe()
     assert d["format"] == "onnx" and d["family"] == "dream" and d["kernel"] == "function"
-    assert d["bits_per_weight_quantized"] == pytest.approx(bits)
-    assert d["bits_per_weight_quantized_file"] == pytest.approx(bits, rel=1e-3)  # 1 bit per sign as stored
-    assert d["file_size"] == path.stat().st_size and d["n_params"] == src.n_params()
+    assert d["bits_per_weight_linear_tensor"] == pytest.approx(bits)
+    assert d["bits_per_weight_linear"] == pytest.approx(bits, rel=1e-3)  # 1 bit per sign as stored
+    assert d["size_bytes"] == path.stat().st_size and d["n_params"] == src.n_params()
     assert d["n_quantized_linears"] == len(qts) and d["shift_logits"] is True
     # the tokenizer travels in the file: text round-trips without the checkpoint folder
     assert be.tokenizer is not None
@@ -198,8 +198,8 @@ def test_metadata_describe_tokenizer(models, tmp_path):
     assert be.tokenizer.decode(enc.ids) == "Shall I compare thee"
     nb = write_onnx(tmp_path / "nb.onnx", qsrc, kernel="matmulnbits")
     dn = OrtBackend(nb).describe()
-    assert dn["kernel"] == "matmulnbits" and dn["bits_per_weight_quantized"] == pytest.approx(bits)
-    assert dn["bits_per_weight_quantized_file"] > bits + 0.9  # 2-bit codes: one more bit per sign
+    assert dn["kernel"] == "matmulnbits" and dn["bits_per_weight_linear_tensor"] == pytest.approx(bits)
+    assert dn["bits_per_weight_linear"] > bits + 0.9  # 2-bit codes: one more bit per sign
 
 
 def test_external_data(models, tmp_path):

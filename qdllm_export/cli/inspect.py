@@ -24,7 +24,7 @@ def inspect_(
         print(json.dumps(info))
         return
     hp = info["hparams"]
-    console.print(f"[bold]{info['path']}[/]  format={info['format']}  family={info['family']}")
+    console.print(f"[bold]{info['path']}[/]  format={info['format']}  family={info['family']}", soft_wrap=True)
     console.print(", ".join(f"{k}={v}" for k, v in hp.items() if k != "family"))
     if tensors and info.get("tensors"):
         t = Table("tensor", "shape", "type", "bits/weight")
