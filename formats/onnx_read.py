@@ -16,16 +16,20 @@ from onnx import TensorProto as TP
 
 from formats.errors import FormatError
 from formats.families import FAMILIES, HParams
-from formats.onnx_graph import DOMAIN
+from formats.nbits import BLOCK_SIZES as NBITS_BLOCK_SIZES
+from formats.nbits import NBITS, NBitsTensor
+from formats.onnx_graph import DOMAIN, MS_DOMAIN
 from formats.onnx_proto import ModelScan, scan_model
 from formats.qtensor import QuantizedTensor, pack_signs
 from formats.tensors import canonical_names, canonical_shape
 
 FORMAT = "qdllm-onnx"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 1  # files of binary planes and floats only (readable by every qdllm-export)
+NBITS_FORMAT_VERSION = 2  # files with MatMulNBits grid tensors (table kind "nbits")
+SUPPORTED_VERSIONS = (1, 2)
 OUTTYPES = ("quantized", "f32", "f16")
 KERNELS = ("function", "matmulnbits")
+NBITS_SCALE_TYPES = ("f16", "f32")
 
 
 def encode_codes(q: QuantizedTensor) -> np.ndarray:
@@ -73,8 +77,9 @@ class OnnxInfo:
     external_files: list[str] = field(default_factory=list)
     n_params: int = 0
     quantized_weights: int = 0  # weights in quantized linears
-    quantized_bits: int = 0  # their stored bits as QuantizedTensor counts them
-    quantized_file_bits: int = 0  # their initializers' bits in this file (2 bits per sign for matmulnbits)
+    quantized_bits: int = 0  # their stored bits as QuantizedTensor / NBitsTensor count them
+    quantized_file_bits: int = 0  # their initializers' bits in this file (2 bits per sign for matmulnbits,
+    #                               32-bit scales for nbits tensors written with f32 scales)
     scan: ModelScan | None = field(repr=False, default=None)
 
     @property
@@ -105,6 +110,17 @@ def read_onnx_info(path: str | Path) -> OnnxInfo:
     """Validate a qdllm ONNX file and describe it; any defect raises ``FormatError`` naming the file."""
     path = Path(path)
     scan = scan_model(path)
+    info = _parse_metadata(scan, path)
+    _check_graph(scan, str(path))
+    for name in canonical_names(info.hparams):
+        _check_tensor(info, name)
+    _check_nbits_nodes(info)
+    _check_external_data(info)
+    return info
+
+
+def _parse_metadata(scan: ModelScan, path: Path) -> OnnxInfo:
+    """The ``qdllm.*`` metadata: format marker and version, hparams, tensor table, options."""
     where = str(path)
     md = scan.metadata
     if md.get("qdllm.format") != FORMAT:
@@ -130,6 +146,19 @@ def read_onnx_info(path: str | Path) -> OnnxInfo:
         raise FormatError(f"{where}: unknown or inconsistent family {md.get('qdllm.family')!r}")
     if outtype not in OUTTYPES or kernel not in KERNELS + ("none",):
         raise FormatError(f"{where}: unknown outtype {outtype!r} or kernel {kernel!r}")
+    info = OnnxInfo(path=path, format_version=version, hparams=hp, outtype=outtype, kernel=kernel,
+                    embed_type=md.get("qdllm.embed_type", "f32"), shift_logits=md.get("qdllm.shift_logits") == "true",
+                    accuracy_level=int(md["qdllm.accuracy_level"]) if "qdllm.accuracy_level" in md else None,
+                    group_size=int(md["qdllm.group_size"]) if "qdllm.group_size" in md else None,
+                    tensors=tensors, meta=meta, special_ids=special, metadata=md,
+                    tokenizer_json=md.get("qdllm.tokenizer.json"), config=config, scan=scan)
+    if info.shift_logits != hp.spec.shift_logits:
+        raise FormatError(f"{where}: qdllm.shift_logits contradicts the {hp.family} family")
+    return info
+
+
+def _check_graph(scan: ModelScan, where: str) -> None:
+    """Inputs and outputs, and every ``qdllm`` node's function defined in the file."""
     names_in = [v.name for v in scan.inputs]
     if "input_ids" not in names_in or [v.name for v in scan.outputs] != ["logits"]:
         raise FormatError(f"{where}: graph inputs {names_in} / outputs {[v.name for v in scan.outputs]}; "
@@ -139,59 +168,101 @@ def read_onnx_info(path: str | Path) -> OnnxInfo:
         if node.domain == DOMAIN and (node.domain, node.op_type) not in functions:
             raise FormatError(f"{where}: node {node.name!r} uses {DOMAIN}.{node.op_type} but the file does not define "
                               "that function (the model is incomplete or was edited; re-export)")
-    if any(n.domain == DOMAIN for n in scan.nodes) and DOMAIN not in scan.opsets:
-        raise FormatError(f"{where}: the model does not import the {DOMAIN} domain")
+    for domain in (DOMAIN, MS_DOMAIN):
+        if any(n.domain == domain for n in scan.nodes) and domain not in scan.opsets:
+            raise FormatError(f"{where}: the model does not import the {domain} domain")
 
-    info = OnnxInfo(path=path, format_version=version, hparams=hp, outtype=outtype, kernel=kernel,
-                    embed_type=md.get("qdllm.embed_type", "f32"), shift_logits=md.get("qdllm.shift_logits") == "true",
-                    accuracy_level=int(md["qdllm.accuracy_level"]) if "qdllm.accuracy_level" in md else None,
-                    group_size=int(md["qdllm.group_size"]) if "qdllm.group_size" in md else None,
-                    tensors=tensors, meta=meta, special_ids=special, metadata=md,
-                    tokenizer_json=md.get("qdllm.tokenizer.json"), config=config, scan=scan)
-    if info.shift_logits != hp.spec.shift_logits:
-        raise FormatError(f"{where}: qdllm.shift_logits contradicts the {hp.family} family")
-    for name in canonical_names(hp):
-        entry = tensors.get(name)
-        if not isinstance(entry, dict):
-            raise FormatError(f"{where}: tensor {name} is missing from the qdllm.tensors table")
-        shape = canonical_shape(hp, name)
-        if tuple(entry.get("shape", ())) != tuple(shape):
-            raise FormatError(f"{where}: tensor {name} is recorded as {entry.get('shape')}, the hparams imply {list(shape)}")
-        info.n_params += int(np.prod(shape))
-        inits = entry.get("inits", {})
-        if entry.get("kind") == "float":
-            dt = TP.FLOAT16 if entry.get("dtype") == "f16" else TP.FLOAT
-            _expect(scan, where, inits.get("weight", name), shape[::-1] if entry.get("transposed") else shape, dt)
+
+def _check_tensor(info: OnnxInfo, name: str) -> None:
+    """One table entry against the hparams and the initializers; counts its parameters and bits."""
+    where, scan, tensors = str(info.path), info.scan, info.tensors
+    entry = tensors.get(name)
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: tensor {name} is missing from the qdllm.tensors table")
+    shape = canonical_shape(info.hparams, name)
+    if tuple(entry.get("shape", ())) != tuple(shape):
+        raise FormatError(f"{where}: tensor {name} is recorded as {entry.get('shape')}, the hparams imply {list(shape)}")
+    info.n_params += int(np.prod(shape))
+    inits = entry.get("inits", {})
+    kind = entry.get("kind")
+    if kind == "float":
+        dt = TP.FLOAT16 if entry.get("dtype") == "f16" else TP.FLOAT
+        _expect(scan, where, inits.get("weight", name), shape[::-1] if entry.get("transposed") else shape, dt)
+        return
+    if kind == "quantized":
+        bits = _check_planes(info, name, entry, shape)
+    elif kind == "nbits":
+        bits = _check_nbits(info, name, entry, shape)
+    else:
+        raise FormatError(f"{where}: tensor {name} has unknown kind {kind!r}")
+    info.quantized_weights += shape[0] * shape[1]
+    info.quantized_bits += bits
+    info.quantized_file_bits += 8 * sum(scan.inits[i].length for i in inits.values())
+
+
+def _check_planes(info: OnnxInfo, name: str, entry: dict[str, Any], shape: tuple[int, ...]) -> int:
+    """A binary-plane linear's initializers; returns its stored bits as ``QuantizedTensor`` counts them."""
+    where, scan, inits = str(info.path), info.scan, entry.get("inits", {})
+    n_out, n_in = shape
+    g = int(entry["group_size"])
+    if g <= 0 or g % 8 or n_in % g:
+        raise FormatError(f"{where}: tensor {name} has group size {g}, which does not divide n_in={n_in}")
+    nb = n_in // g
+    _expect(scan, where, inits.get("planes", ""), (nb,), TP.UINT8)
+    p = int(scan.array(inits["planes"]).astype(np.int64).sum())
+    if p != int(entry.get("n_planes", -1)):
+        raise FormatError(f"{where}: tensor {name} has {p} planes, the table says {entry.get('n_planes')}")
+    if info.kernel == "matmulnbits":
+        _expect(scan, where, inits.get("codes", ""), (n_out, p, g // 4), TP.UINT8)
+        _expect(scan, where, inits.get("scales", ""), (n_out * p,), TP.FLOAT16)
+    else:
+        _expect(scan, where, inits.get("signs", ""), (p, n_out, g // 8), TP.UINT8)
+        _expect(scan, where, inits.get("row_scale", ""), (p, n_out), TP.FLOAT16)
+    _expect(scan, where, inits.get("col_scale", ""), (p, g), TP.FLOAT16)
+    bits = p * n_out * g + 16 * p * (n_out + g) + 8 * nb
+    if entry.get("mu"):
+        _expect(scan, where, inits.get("mu", ""), (n_out, nb), TP.FLOAT16)
+        bits += 16 * n_out * nb
+    return bits
+
+
+def _check_nbits(info: OnnxInfo, name: str, entry: dict[str, Any], shape: tuple[int, ...]) -> int:
+    """A MatMulNBits linear's initializers; returns its stored bits as ``NBitsTensor`` counts them (fp16 scales)."""
+    where, scan, inits = str(info.path), info.scan, entry.get("inits", {})
+    n_out, n_in = shape
+    bits, bs, sdt = entry.get("bits"), entry.get("block_size"), entry.get("scale_dtype")
+    if bits not in NBITS or bs not in NBITS_BLOCK_SIZES or n_in % bs or sdt not in NBITS_SCALE_TYPES:
+        raise FormatError(f"{where}: tensor {name} has bits {bits!r}, block size {bs!r}, scales {sdt!r}: expected bits "
+                          f"in {NBITS}, a block size in {NBITS_BLOCK_SIZES} dividing n_in={n_in}, scales f16 or f32")
+    nb = n_in // bs
+    zp_bytes = (nb * bits + 7) // 8
+    _expect(scan, where, inits.get("codes", ""), (n_out, nb, bs * bits // 8), TP.UINT8)
+    _expect(scan, where, inits.get("scales", ""), (n_out, nb), TP.FLOAT16 if sdt == "f16" else TP.FLOAT)
+    _expect(scan, where, inits.get("zero_points", ""), (n_out, zp_bytes), TP.UINT8)
+    return n_out * (n_in * bits + 16 * nb + 8 * zp_bytes)
+
+
+def _check_nbits_nodes(info: OnnxInfo) -> None:
+    """Each MatMulNBits tensor feeds one ``com.microsoft.MatMulNBits`` node whose attributes match the table."""
+    where = str(info.path)
+    nodes = {n.input[1]: n for n in info.scan.nodes if n.domain == MS_DOMAIN and n.op_type == "MatMulNBits" and len(n.input) > 1}
+    for name, entry in info.tensors.items():
+        if entry.get("kind") != "nbits":
             continue
-        if entry.get("kind") != "quantized":
-            raise FormatError(f"{where}: tensor {name} has unknown kind {entry.get('kind')!r}")
-        n_out, n_in = shape
-        g = int(entry["group_size"])
-        if g <= 0 or g % 8 or n_in % g:
-            raise FormatError(f"{where}: tensor {name} has group size {g}, which does not divide n_in={n_in}")
-        nb = n_in // g
-        _expect(scan, where, inits.get("planes", ""), (nb,), TP.UINT8)
-        p = int(scan.array(inits["planes"]).astype(np.int64).sum())
-        if p != int(entry.get("n_planes", -1)):
-            raise FormatError(f"{where}: tensor {name} has {p} planes, the table says {entry.get('n_planes')}")
-        if kernel == "matmulnbits":
-            _expect(scan, where, inits.get("codes", ""), (n_out, p, g // 4), TP.UINT8)
-            _expect(scan, where, inits.get("scales", ""), (n_out * p,), TP.FLOAT16)
-        else:
-            _expect(scan, where, inits.get("signs", ""), (p, n_out, g // 8), TP.UINT8)
-            _expect(scan, where, inits.get("row_scale", ""), (p, n_out), TP.FLOAT16)
-        _expect(scan, where, inits.get("col_scale", ""), (p, g), TP.FLOAT16)
-        bits = p * n_out * g + 16 * p * (n_out + g) + 8 * nb
-        if entry.get("mu"):
-            _expect(scan, where, inits.get("mu", ""), (n_out, nb), TP.FLOAT16)
-            bits += 16 * n_out * nb
-        info.quantized_weights += n_out * n_in
-        info.quantized_bits += bits
-        info.quantized_file_bits += 8 * sum(scan.inits[i].length for i in inits.values())
-    ext = sorted(scan.external_files())
-    info.external_files = ext
+        node = nodes.get(entry["inits"].get("codes"))
+        attrs = {a.name: a.i for a in node.attribute} if node is not None else {}
+        want = {"K": entry["shape"][1], "N": entry["shape"][0], "bits": entry["bits"], "block_size": entry["block_size"]}
+        if any(attrs.get(k) != v for k, v in want.items()):
+            raise FormatError(f"{where}: tensor {name} is not read by a MatMulNBits node with {want} "
+                              "(the file is corrupt or was edited; re-export)")
+
+
+def _check_external_data(info: OnnxInfo) -> None:
+    """External data files exist and hold every initializer they should; sets the file size."""
+    where, scan, path = str(info.path), info.scan, info.path
+    info.external_files = sorted(scan.external_files())
     info.file_size = path.stat().st_size
-    for fname in ext:
+    for fname in info.external_files:
         fp = path.parent / fname
         if not fp.is_file():
             raise FormatError(f"{where}: its external data file {fp} is missing (keep it next to the .onnx)")
@@ -200,7 +271,6 @@ def read_onnx_info(path: str | Path) -> OnnxInfo:
         for ref in scan.inits.values():
             if ref.file == fname and ref.offset + ref.length > size:
                 raise FormatError(f"{where}: initializer {ref.name!r} lies past the end of {fp} (truncated?)")
-    return info
 
 
 class OnnxTensors:
@@ -215,16 +285,23 @@ class OnnxTensors:
     def names(self) -> list[str]:
         return canonical_names(self.hparams)
 
-    def get(self, name: str) -> np.ndarray | QuantizedTensor:
+    def get(self, name: str) -> np.ndarray | QuantizedTensor | NBitsTensor:
         entry = self.info.tensors[name]
         scan = self.info.scan
         arr = {k: scan.array(v) for k, v in entry["inits"].items()}
         if entry["kind"] == "float":
             w = arr["weight"].astype(np.float32)
             return np.ascontiguousarray(w.T) if entry.get("transposed") else w
+        meta = {"method": entry["method"]} if entry.get("method") else {}
+        if entry["kind"] == "nbits":
+            s16 = arr["scales"].astype(np.float16)
+            if not np.array_equal(s16.astype(np.float32), arr["scales"].astype(np.float32)):
+                raise FormatError(f"{self.path}: tensor {name}: its scales are not float16 values (not written by qdllm-export)")
+            arr["scales"] = s16
+            return NBitsTensor.from_arrays(tuple(entry["shape"]), int(entry["bits"]), int(entry["block_size"]), arr,
+                                           name=name, meta=meta)
         n_out = entry["shape"][0]
         if "codes" in arr:
             arr["signs"] = decode_codes(arr.pop("codes"), f"{self.path}: tensor {name}")
             arr["row_scale"] = np.ascontiguousarray(arr.pop("scales").reshape(n_out, -1).T)
-        meta = {"method": entry["method"]} if entry.get("method") else {}
         return QuantizedTensor.from_arrays(tuple(entry["shape"]), int(entry["group_size"]), arr, name=name, meta=meta)

@@ -8,6 +8,12 @@ packed size) if that dequantization were constant. The function makes it depend 
 ``fold="cap"`` caps the size of any folded tensor (session entry
 ``optimization.constant_folding_max_output_size_in_bytes``, onnxruntime >= 1.27).
 ``tests/test_onnx_memory.py`` checks all three on a model whose float weights are 13x its file.
+Files holding only MatMulNBits grid tensors (no binary planes) need none of this: their weights are the
+MatMulNBits node's own inputs, which onnxruntime prepacks, so they get default sessions.
+
+``nbits_support(bits)`` asks the installed onnxruntime whether it runs MatMulNBits with ``bits`` on the
+CPU (one tiny session); ``OrtBackend`` and the ``onnx`` verb refuse files it cannot run, naming the
+onnxruntime versions that can (``NBITS_MIN_ORT``).
 """
 
 from __future__ import annotations
@@ -24,16 +30,21 @@ from formats.onnx import OnnxInfo, read_onnx_info
 from runtime_ref.backend import shift_right
 
 FOLD_CAP_BYTES = 65536  # fold="cap": constants up to this size are folded (plane lists, scale casts)
+# first onnxruntime release whose CPU execution provider runs MatMulNBits with these bits (4: the op's
+# first release; 8: x64 kernels, PR 24491; 2: PR 25582, which AVX2 / AVX-512 / ARM64 kernels later sped up)
+NBITS_MIN_ORT = {4: "1.17.0", 8: "1.22.0", 2: "1.23.0"}
+LUT_GEMM_KEY = "mlas.use_lut_gemm"  # opt-in T-MAC style 2-bit kernel (AVX2; K % 32 == 0, N % 128 == 0)
 
 
 def session_options(threads: int | None = None, keep_packed: bool = True, fold: str = "disable",
-                    log_level: int = 3) -> tuple[Any, list[str]]:
+                    log_level: int = 3, lut_gemm: bool = False) -> tuple[Any, list[str]]:
     """``(SessionOptions, disabled_optimizers)`` for ``onnxruntime.InferenceSession``.
 
     ``keep_packed``: never fold packed weights into float (``fold`` = "disable": no ConstantFolding
     pass; "cap": fold only outputs up to ``FOLD_CAP_BYTES``). ``threads``: intra-op threads (None:
     onnxruntime's default, all cores). ``log_level`` 3 hides the warning about the optional
-    ``attention_mask`` input being an overridable initializer.
+    ``attention_mask`` input being an overridable initializer. ``lut_gemm``: onnxruntime's opt-in
+    lookup-table kernel for 2-bit MatMulNBits (session entry ``mlas.use_lut_gemm``).
     """
     import onnxruntime as ort
 
@@ -42,6 +53,8 @@ def session_options(threads: int | None = None, keep_packed: bool = True, fold: 
     so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = int(threads)
+    if lut_gemm:
+        so.add_session_config_entry(LUT_GEMM_KEY, "1")
     disabled: list[str] = []
     if keep_packed:
         if fold == "disable":
@@ -64,19 +77,67 @@ def _tokenizer(text: str | None, where: str) -> Any:
         raise QdllmError(f"{where}: the stored tokenizer.json does not load ({e})") from None
 
 
+def nbits_support(bits: int) -> str | None:
+    """None when the installed onnxruntime runs ``MatMulNBits`` with ``bits`` on the CPU, else why not
+    (naming the onnxruntime versions that do). Probes a one-node model once per ``bits``."""
+    if bits not in _NBITS_PROBED:
+        _NBITS_PROBED[bits] = _probe_nbits(bits)
+    return _NBITS_PROBED[bits]
+
+
+_NBITS_PROBED: dict[int, str | None] = {}
+
+
+def _probe_nbits(bits: int) -> str | None:
+    import onnxruntime as ort
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    k, n, bs = 32, 8, 32
+    inits = [numpy_helper.from_array(np.zeros((n, 1, bs * bits // 8), np.uint8), "B"),
+             numpy_helper.from_array(np.ones((n, 1), np.float32), "S")]
+    node = helper.make_node("MatMulNBits", ["X", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=bs)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("X", TP.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("Y", TP.FLOAT, [1, n])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess.run(None, {"X": np.ones((1, k), np.float32)})
+        return None
+    except Exception as e:  # onnxruntime's Fail / NotImplemented
+        need = NBITS_MIN_ORT.get(bits)
+        want = f"onnxruntime >= {need} runs it on the CPU" if need else f"no onnxruntime release runs {bits}-bit MatMulNBits"
+        return (f"the installed onnxruntime {ort.__version__} cannot run {bits}-bit MatMulNBits ({str(e).strip()[:120]}); "
+                f"{want} (pip install -U onnxruntime)")
+
+
+def nbits_bits_of(info: OnnxInfo) -> list[int]:
+    """The distinct bits of a file's MatMulNBits grid tensors (empty for other files)."""
+    return sorted({int(e["bits"]) for e in info.tensors.values() if e.get("kind") == "nbits"})
+
+
 class OrtBackend:
     """A ``.onnx`` file written by ``formats.onnx.write_onnx``, in an onnxruntime CPU session."""
 
     def __init__(self, path: str | Path, threads: int | None = None, *, keep_packed: bool | None = None,
-                 fold: str = "disable", providers: list[str] | None = None):
+                 fold: str = "disable", providers: list[str] | None = None, lut_gemm: bool = False):
         import onnxruntime as ort
 
         self.info: OnnxInfo = read_onnx_info(path)
         self.hparams = self.info.hparams
         self.source = str(path)
         self.tokenizer = _tokenizer(self.info.tokenizer_json, self.source)
-        self.keep_packed = self.info.outtype == "quantized" if keep_packed is None else keep_packed
-        so, disabled = session_options(threads, self.keep_packed, fold)
+        for bits in nbits_bits_of(self.info):
+            why = nbits_support(bits)
+            if why:
+                raise QdllmError(f"{path}: {why}")
+        # binary planes must not be folded into float; MatMulNBits grid tensors are prepacked by their node
+        self.keep_packed = self.info.kernel != "none" if keep_packed is None else keep_packed
+        self.lut_gemm = lut_gemm
+        so, disabled = session_options(threads, self.keep_packed, fold, lut_gemm=lut_gemm)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
                                                 disabled_optimizers=disabled)
@@ -128,9 +189,13 @@ class OrtBackend:
         info, hp = self.info, self.hparams
         types: dict[str, str] = {}
         planes = []
+        nbits: dict[str, int] = {}
         for name, e in info.tensors.items():
             if e["kind"] == "float":
                 types[name] = e["dtype"].upper()
+            elif e["kind"] == "nbits":
+                types[name] = f"MatMulNBits int{e['bits']} (block {e['block_size']}, {e['scale_dtype']} scales)"
+                nbits[f"int{e['bits']}"] = nbits.get(f"int{e['bits']}", 0) + 1
             else:
                 k = info.planes(name)
                 planes.append(k)
@@ -150,7 +215,9 @@ class OrtBackend:
             "shift_logits": info.shift_logits,
             "qdllm": dict(info.meta),
             "n_params": info.n_params,
-            "n_quantized_linears": len(planes),
+            "n_quantized_linears": len(planes) + sum(nbits.values()),
+            "nbits_linears": nbits,
+            "lut_gemm": self.lut_gemm,
             "mean_planes": float(all_planes.mean()) if all_planes.size else None,
             "group_size": info.group_size,
             "bits_per_weight": 8.0 * info.file_size / info.n_params,  # the whole file (and its external data)
