@@ -110,3 +110,15 @@ def test_eval_text_counts_scored_tokens(cli):
     assert code == 0 and rep["n_tokens"] == 2 * (rep["seq_len"] - 1)
     code, out, _ = cli("eval", DREAM, "--max-windows", "2", "--mc", "1")
     assert code == 0 and f"({rep['n_tokens']} scored" in out
+
+
+def test_verify_says_which_tolerance_broke():
+    from qdllm_export.cli.verify import failures
+    from qdllm_export.verify import FileReport, GenCheck, LogitCheck
+
+    rep = FileReport("m.gguf", "gguf", "ref", logits=[LogitCheck(0.5, 0.2, 3e-3, 0.97)],
+                     generation=[GenCheck("llada/random", False, 5, [1], [2]), GenCheck("llada/low_confidence", True, None, [1], [1])])
+    assert failures(rep, rtol=1e-4, min_agree=0.99) == ["rel err 3.00e-03 > --rtol 0.0001",
+                                                       "argmax agree 0.9700 < --min-agree 0.99",
+                                                       "llada/random differs at token 5"]
+    assert failures(rep, rtol=1e-2, min_agree=0.9)[:1] == ["llada/random differs at token 5"]
