@@ -3,7 +3,7 @@
 Each output kind is recognised by its contents, not its name: a GGUF file by the ``qdllm.*`` metadata every
 qdllm GGUF carries, an ONNX file by its ``qdllm.format`` metadata (and its external data file by being named in
 that file), a quantized checkpoint folder by its ``qdllm_quant.json`` record and nothing in it that the
-writer did not put there. A new output kind adds its recogniser here. NumPy-free, torch-free.
+writer did not put there. A new output kind adds its recogniser here. No torch.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from pathlib import Path
 from formats.errors import QdllmError
 
 GGUF_MAGIC = b"GGUF"
-QDLLM_GGUF_KEY = "qdllm.format_version"
+QDLLM_GGUF_PREFIX = "qdllm."
 
 
 def own_gguf(path: Path) -> bool:
-    """True when ``path`` is a GGUF file with the ``qdllm.format_version`` key every qdllm writer adds."""
+    """True when ``path`` is a GGUF file with ``qdllm.*`` metadata (every qdllm GGUF writer adds
+    ``qdllm.format_version``; a GGUF of ours of another kind, e.g. an importance matrix, adds its own key)."""
     try:
         with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
@@ -28,7 +29,7 @@ def own_gguf(path: Path) -> bool:
         _, meta, _, _ = parse_gguf(path)
     except (OSError, QdllmError, ValueError):
         return False
-    return QDLLM_GGUF_KEY in meta
+    return any(k.startswith(QDLLM_GGUF_PREFIX) for k in meta)
 
 
 def own_onnx(path: Path) -> tuple[bool, list[str]]:
