@@ -51,8 +51,12 @@ class TorchBackend:
     """A checkpoint folder run by the PyTorch model (quantized tensors dequantized from stored fields)."""
 
     def __init__(self, source: TensorSource, folder: Path, dtype: str = "float32", device: str = "cpu"):
+        import torch
+
         from qdllm_export.models import load_model, torch_dtype
 
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise QdllmError(f"--device {device}: no CUDA device is visible to PyTorch; use --device cpu")
         self.source_tensors = source
         self.hparams = source.hparams
         self.source = str(folder)
