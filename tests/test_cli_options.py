@@ -53,6 +53,8 @@ CASES = [
     (["generate", LLADA, "--remasking", "lowest"], "--remasking"),
     (["generate", LLADA, "--device", "gpu"], "--device"),
     (["generate", LLADA, "--temperature", "-1"], "--temperature"),
+    (["generate", LLADA, "--prompt-ids", ""], "the prompt is empty"),
+    (["eval", LLADA, "--data", "{tmp}"], "--data"),
     (["eval", LLADA, "--mc", "0"], "--mc"),
     (["eval", LLADA, "--seq-len", "4096"], "--seq-len"),
     (["eval", LLADA, "--batch-size", "0"], "--batch-size"),

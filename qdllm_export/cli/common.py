@@ -14,7 +14,7 @@ def prompt_ids(backend: Any, prompt: str | None, ids: str | None) -> np.ndarray:
 
     ``backend``: a Backend or a ``ModelHeader`` (anything with ``hparams``, ``tokenizer`` and ``source``)."""
     hp = backend.hparams
-    if ids:
+    if ids is not None:
         try:
             out = [int(t) for t in ids.replace(" ", "").split(",") if t]
         except ValueError:
