@@ -18,6 +18,7 @@ import torch
 from formats.nbits import BLOCK_SIZES, NBITS, NBitsTensor, pack_low_first
 
 SHRINK = torch.linspace(1.0, 0.35, 14).tolist()  # candidate clipping factors of each side of the range
+CANDIDATE_ELEMS = 1 << 20  # init evaluates candidates in chunks of about this many code elements (4 MiB)
 
 
 @dataclass
@@ -51,21 +52,28 @@ class NBitsGrid:
         return s, z
 
     def init(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> NBitsState:
+        """Scale and zero point per row: the clipping pair ``(a, b)`` of ``SHRINK`` x ``SHRINK`` with the least
+        weighted error (the first such pair on ties), all candidates of a chunk evaluated in one pass."""
         wts = torch.ones(Wb.shape[1], device=Wb.device) if imp is None else imp
         xmin = Wb.min(dim=1).values.clamp(max=0.0)
         xmax = Wb.max(dim=1).values.clamp(min=0.0)
         flat = (xmax - xmin) == 0
         xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+        shrink = torch.tensor(SHRINK, dtype=Wb.dtype, device=Wb.device)
+        a = shrink.repeat_interleave(len(SHRINK))  # candidate c = (a_i, b_j), i major, as nested loops would visit
+        b = shrink.repeat(len(SHRINK))
+        chunk = max(1, CANDIDATE_ELEMS // Wb.numel())
         best_err = torch.full_like(xmin, float("inf"))
         best_s, best_z = torch.ones_like(xmin), torch.zeros_like(xmin)
-        for a in SHRINK:
-            for b in SHRINK:
-                s, z = self._sz(a * xmin, b * xmax)
-                q = self._codes(Wb, s, z)
-                err = (((q - z[:, None]) * s[:, None] - Wb).square() * wts).sum(1)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        for c0 in range(0, a.numel(), chunk):
+            s, z = self._sz(a[c0:c0 + chunk, None] * xmin, b[c0:c0 + chunk, None] * xmax)  # [C, n]
+            q = self._codes(Wb, s, z)  # [C, n, block]
+            err = (((q - z[..., None]) * s[..., None] - Wb).square() * wts).sum(-1)  # [C, n]
+            err, k = err.min(dim=0)  # first minimum, as the strict "<" of a sequential search
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s.gather(0, k[None])[0], best_s)
+            best_z = torch.where(better, z.gather(0, k[None])[0], best_z)
         return NBitsState(s=best_s, z=best_z, q=torch.zeros_like(Wb))
 
     def round(self, state: NBitsState, c: int, w: torch.Tensor) -> torch.Tensor:
