@@ -1,5 +1,12 @@
 """Parity of exported files against a reference backend: logits on seeded masked inputs, and the tokens
-of a greedy generation with every sampler algorithm of the family."""
+of a greedy generation with every sampler algorithm of the family.
+
+A file whose kernels compute exactly in float (every format, and ONNX MatMulNBits at accuracy level 0)
+must match within ``rtol`` / ``min_agree`` with identical greedy tokens. ONNX files whose MatMulNBits
+nodes run at accuracy level 4 quantize their activations to int8 per block: they are held to
+``INT8_RTOL`` / ``INT8_MIN_AGREE`` (or the caller's looser values), and their greedy tokens are reported,
+not required to match (one near-tie flipped by int8 rounding changes every later step).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,10 @@ from runtime_ref.backend import Backend
 from runtime_ref.sampler import DREAM_ALGS, LLADA_REMASKING, sample
 
 PROMPT_LEN = 8  # tokens of the seeded prompt the greedy generations start from
+# accuracy level 4 (int8 activations): measured on the bundled models (int2 / int4 / int8 / auto and
+# binary planes): rel err 0.5-3e-2, argmax agreement >= 0.95 (docs/onnx-format.md section 4b)
+INT8_RTOL = 5e-2
+INT8_MIN_AGREE = 0.9
 
 
 @dataclass
@@ -40,6 +51,10 @@ class FileReport:
     logits: list[LogitCheck] = field(default_factory=list)
     generation: list[GenCheck] = field(default_factory=list)
     passed: bool = False
+    rtol: float | None = None  # the tolerances this file is held to (see module doc); None: the caller's
+    min_agree_required: float | None = None
+    tokens_required: bool = True  # greedy generations must be identical
+    tolerance_note: str = ""
 
     @property
     def worst_rel(self) -> float:
@@ -48,6 +63,29 @@ class FileReport:
     @property
     def min_agree(self) -> float:
         return min(c.argmax_agree for c in self.logits)
+
+    def failures(self, rtol: float | None = None, min_agree: float | None = None) -> list[str]:
+        """Why the file failed, one phrase per broken tolerance (empty when it passed); ``rtol`` /
+        ``min_agree`` apply where the report has none of its own."""
+        rtol = self.rtol if self.rtol is not None else rtol
+        agree = self.min_agree_required if self.min_agree_required is not None else min_agree
+        out = []
+        if rtol is not None and self.worst_rel > rtol:
+            out.append(f"rel err {self.worst_rel:.2e} > {rtol:g}")
+        if agree is not None and self.min_agree < agree:
+            out.append(f"argmax agree {self.min_agree:.4f} < {agree:g}")
+        if self.tokens_required:
+            out += [f"{g.algorithm} differs at token {g.first_diff}" for g in self.generation if not g.identical]
+        return out
+
+
+def tolerance_for(b: Any, rtol: float, min_agree: float) -> tuple[float, float, bool, str]:
+    """``(rtol, min_agree, tokens_required, note)`` for backend ``b`` given the caller's exact-file tolerances."""
+    level = getattr(getattr(b, "info", None), "accuracy_level", None)
+    if level == 4:
+        return (max(rtol, INT8_RTOL), min(min_agree, INT8_MIN_AGREE), False,
+                "MatMulNBits accuracy level 4 (int8 activations): int8 tolerances, tokens reported")
+    return rtol, min_agree, True, ""
 
 
 def masked_inputs(backend: Backend, ratios: list[float], n_seq: int, seq_len: int, seed: int) -> list[np.ndarray]:
@@ -123,7 +161,9 @@ def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_
             cache[ref_name] = ([rb.logits(x) for x in inputs],
                                {name: sample(rb, prompt, {**opts_base, **o})[0] for name, o in algorithms(hp.family)})
         ref_logits, ref_gen = cache[ref_name]
-        rep = FileReport(b.source, type(b).__name__.replace("Backend", "").lower(), reference=ref_name)
+        tol, agree, tokens, note = tolerance_for(b, rtol, min_agree)
+        rep = FileReport(b.source, type(b).__name__.replace("Backend", "").lower(), reference=ref_name, rtol=tol,
+                         min_agree_required=agree, tokens_required=tokens, tolerance_note=note)
         for r, x, lr in zip(ratios, inputs, ref_logits):
             lb = b.logits(x)
             diff = np.abs(lb.astype(np.float64) - lr)
@@ -134,7 +174,7 @@ def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_
             same = np.array_equal(toks, ref_gen[name])
             first = None if same else int(np.nonzero(toks != ref_gen[name])[0][0])
             rep.generation.append(GenCheck(name, same, first, ref_gen[name].tolist(), toks.tolist()))
-        rep.passed = rep.worst_rel <= rtol and rep.min_agree >= min_agree and all(g.identical for g in rep.generation)
+        rep.passed = not rep.failures()
         reports.append(rep)
         if progress:
             progress(k + 1, len(others))

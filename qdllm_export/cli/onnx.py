@@ -1,20 +1,39 @@
-"""``qdllm-export onnx MODEL OUT.onnx``: an ONNX graph that stock onnxruntime runs with weights kept packed."""
+"""``qdllm-export onnx MODEL OUT.onnx``: an ONNX graph that stock onnxruntime runs with weights kept packed.
+
+Two kinds of quantized linears: binary planes (``--outtype quantized``, qdllm ops) or onnxruntime's own
+``MatMulNBits`` grid (``--outtype int2 | int4 | int8 | auto``, one node per linear, quantized here by
+``qdllm_export.nbits_quant``).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import typer
 
 from formats.errors import QdllmError
 from qdllm_export.cli import checks
-from qdllm_export.cli.app import app
-from qdllm_export.cli.export import export_source, print_closing, with_quant_options
+from qdllm_export.cli.app import app, progress
+from qdllm_export.cli.export import export_source, print_closing, quant_options_given, with_quant_options
 
 KERNELS = ("function", "matmulnbits")
+NBITS_OUTTYPES = ("int2", "int4", "int8", "auto")
+OUTTYPES = ("quantized", *NBITS_OUTTYPES, "f32", "f16")
+NBITS_ACCURACY = 4  # accuracy_level of the int outtypes unless --accuracy-level says otherwise
+
+
+def _block_size(value: Optional[int]) -> Optional[int]:
+    from qdllm_export.nbits_quant import BLOCK_SIZES
+
+    if value is not None and value not in BLOCK_SIZES:
+        raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    return value
 
 
 @app.command("onnx")
@@ -22,31 +41,96 @@ KERNELS = ("function", "matmulnbits")
 def onnx_(
     model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or tiny-llada / tiny-dream."),
     out: Path = typer.Argument(..., help="Output .onnx path (models over ~1.8 GB get OUT.onnx.data beside it)."),
-    outtype: str = typer.Option("quantized", help="quantized (qdllm plane ops) | f32 | f16."),
-    kernel: str = typer.Option("function", help="function (1 bit per sign, standard ops) | matmulnbits (com.microsoft.MatMulNBits, 2 bits per sign)."),
-    accuracy_level: int = typer.Option(0, min=0, max=4, help="matmulnbits: 0 = exact fp32 (default), 4 = int8 activations (faster, ~1-2% logit error)."),
+    outtype: str = typer.Option("quantized", callback=checks.one_of(*OUTTYPES),
+                                help="quantized (binary planes as qdllm ops) | int2 | int4 | int8 | auto (onnxruntime's "
+                                     "MatMulNBits grid, one node per linear) | f32 | f16."),
+    bpw: Optional[float] = typer.Option(None, min=1.0, max=16.0, help="--outtype auto: budget in stored bits per weight of the linears (scales included), e.g. 2.5."),
+    block_size: Optional[int] = typer.Option(None, callback=_block_size, help="int2/int4/int8/auto: columns per scale and zero point, 32 (default) | 64 | 128."),
+    kernel: str = typer.Option("function", help="quantized: function (1 bit per sign, standard ops) | matmulnbits (com.microsoft.MatMulNBits, 2 bits per sign)."),
+    accuracy_level: Optional[int] = typer.Option(None, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (faster, ~1-2% logit error; default for int2/int4/int8/auto), 0 = fp32, exact (default for --kernel matmulnbits)."),
     embed_type: str = typer.Option(None, callback=checks.one_of("f16", "f32"), help="token_embd / output: f16 (default for quantized) | f32."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is a GGUF or ONNX file this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     q: Any = None,
 ) -> None:
-    """Write an ONNX model (input_ids -> logits, bidirectional) whose quantized linears are qdllm.PlaneMatMul nodes,
-    defined inside the file as functions of standard ONNX ops."""
+    """Write an ONNX model (input_ids -> logits, bidirectional) whose quantized linears are qdllm.PlaneMatMul nodes
+    (functions of standard ONNX ops defined inside the file) or com.microsoft.MatMulNBits nodes."""
     from formats.onnx import write_onnx
     from runtime_ref.ort import OrtBackend
 
     if kernel not in KERNELS:
         raise QdllmError(f"--kernel must be one of {', '.join(KERNELS)}")
-    checks.unused_with({"--accuracy-level": accuracy_level != 0 and kernel != "matmulnbits"},
-                       f"with --kernel {kernel} (only matmulnbits reads it)")
+    nbits = outtype in NBITS_OUTTYPES
+    checks.unused_with({"--bpw": bpw is not None and outtype != "auto",
+                        "--block-size": block_size is not None and not nbits}, f"with --outtype {outtype}")
+    checks.unused_with({"--accuracy-level": accuracy_level is not None and not nbits and kernel != "matmulnbits"},
+                       f"with --kernel {kernel} and --outtype {outtype} (no MatMulNBits node reads it)")
     if outtype != "quantized":
-        checks.unused_with({"--kernel": kernel != "function"}, f"with --outtype {outtype} (no quantized linears)")
+        checks.unused_with({"--kernel": kernel != "function"}, f"with --outtype {outtype} (no binary planes)")
     t0 = time.time()
-    with export_source(model, out, outtype, force, q) as (src, tok, meta):
-        write_onnx(out, src, outtype=outtype, kernel=kernel, qdllm_meta=meta, overwrite=force, embed_type=embed_type,
-                   accuracy_level=accuracy_level, tokenizer=tok)
+    source = nbits_source(model, out, force, outtype, bpw, block_size or 32, q) if nbits else \
+        export_source(model, out, outtype, force, q)
+    with source as (src, tok, meta):
+        level = accuracy_level if accuracy_level is not None else (NBITS_ACCURACY if nbits else 0)
+        write_onnx(out, src, outtype="quantized" if nbits else outtype, kernel=kernel, qdllm_meta=meta, overwrite=force,
+                   embed_type=embed_type, accuracy_level=level, tokenizer=tok)
     info = OrtBackend(out).describe()
     if as_json:
         print(json.dumps({**info, "seconds": time.time() - t0}))
     else:
         print_closing(info, time.time() - t0)
+
+
+@contextmanager
+def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | None, block_size: int,
+                 q: dict[str, Any]) -> Iterator[tuple[Any, Any, dict]]:
+    """Yields (tensors, tokenizer, qdllm metadata) of MODEL quantized to MatMulNBits linears (a plain
+    checkpoint only; a quantized one is written as stored with --outtype quantized). The quantized
+    checkpoint lives in a temporary folder beside ``out``, removed afterwards."""
+    from formats.checkpoint import QuantizedCheckpoint, is_quantized_checkpoint
+    from formats.tensors import HFTensors
+    from formats.tokenizer import load_tokenizer
+    from qdllm_export.backends import resolve
+    from qdllm_export.calib import CalibConfig
+    from qdllm_export.nbits_quant import NBitsSpec, check_block_size, quantize_nbits
+    from runtime_ref.ort import nbits_support
+
+    folder = resolve(model)
+    if not folder.is_dir():
+        raise QdllmError(f"{folder}: expected a checkpoint folder or a bundled model name")
+    if is_quantized_checkpoint(folder):
+        raise QdllmError(f"{folder}: is already quantized; write its tensors as stored with --outtype quantized, "
+                         f"or pass the float checkpoint for --outtype {outtype}")
+    given = quant_options_given(q)
+    checks.unused_with({f: given[f] for f in ("--bits", "--group-size")}, f"with --outtype {outtype} (see --bpw, --block-size)")
+    if q["method"] not in ("quant-dllm", "gptq", "rtn"):
+        raise QdllmError(f"--method must be quant-dllm, gptq or rtn, not {q['method']!r}")
+    spec = NBitsSpec(outtype, bpw, block_size, rounding="rtn" if q["method"] == "rtn" else "gptq")
+    if q["device"].startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QdllmError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    for bits in spec.bits:
+        why = nbits_support(bits)
+        if why:
+            raise QdllmError(f"--outtype {outtype}: {why}")
+    check_block_size(HFTensors(folder).hparams, block_size, folder)
+    checks.output_file(out, force, [folder, q.get("calib")])
+    ccfg = CalibConfig(path=str(q["calib"]) if q["calib"] else None, n_samples=q["calib_samples"], seq_len=q["seq_len"],
+                       mcs=q["mcs"], prefix_ratio=q["prefix_ratio"], seed=q["seed"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with progress() as bar:
+            task = bar.add_task("quantizing", total=None)
+
+            def on_layer(i: int, n: int, what: str) -> None:
+                bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}", detail=what)
+
+            _, rec = quantize_nbits(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer)
+            bar.update(task, description="done", detail="")
+        meta = {"target": "nbits", "method": rec["method"], "outtype": outtype, "block_size": block_size,
+                "bits_per_weight_linear": rec["bits_per_weight_linear"], **({"bpw": bpw} if bpw is not None else {})}
+        yield QuantizedCheckpoint(tmp / "q"), load_tokenizer(folder), meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

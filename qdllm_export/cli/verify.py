@@ -15,14 +15,10 @@ from qdllm_export.verify import FileReport
 
 
 def failures(rep: FileReport, rtol: float, min_agree: float) -> list[str]:
-    """Why ``rep`` failed, one phrase per broken tolerance, naming the flag that sets it."""
-    out = []
-    if rep.worst_rel > rtol:
-        out.append(f"rel err {rep.worst_rel:.2e} > --rtol {rtol:g}")
-    if rep.min_agree < min_agree:
-        out.append(f"argmax agree {rep.min_agree:.4f} < --min-agree {min_agree:g}")
-    out += [f"{g.algorithm} differs at token {g.first_diff}" for g in rep.generation if not g.identical]
-    return out
+    """Why ``rep`` failed, one phrase per broken tolerance, naming the flag that sets it (a file with int8
+    compute is held to its own tolerances, see ``qdllm_export.verify``)."""
+    return [f.replace(f"> {rtol:g}", f"> --rtol {rtol:g}").replace(f"< {min_agree:g}", f"< --min-agree {min_agree:g}")
+            for f in rep.failures(rtol, min_agree)]
 
 
 @app.command()
@@ -86,5 +82,8 @@ def print_tables(ref: str, reports: list[FileReport], gen_length: int, rtol: flo
                   "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
     console.print(g)
     for r in reports:
+        if r.tolerance_note:
+            console.print(f"{r.path}: {r.tolerance_note} (rel err <= {r.rtol:g}, argmax agree >= {r.min_agree_required:g})",
+                          soft_wrap=True)
         if not r.passed:
             console.print(f"[red]FAIL[/] {r.path}: {'; '.join(failures(r, rtol, min_agree))}", soft_wrap=True)

@@ -1,0 +1,107 @@
+"""A checkpoint onto onnxruntime's MatMulNBits grid: the ``int2 | int4 | int8 | auto`` outtypes of ``onnx``.
+
+``quantize_nbits(folder, out_dir, spec, ccfg)`` runs the streaming pipeline (``qdllm_export.pipeline``:
+MCS calibration, true-sequential ``H``) with a MatMulNBits ``GridTarget``: each linear fitted by the grid
+driver (``grids.base.grid_quantize``: importance-weighted fit of scale and zero point per block, GPTQ
+rounding with compensation between blocks, closed-form refit; ``rounding="rtn"``: no data). ``auto``
+first measures every linear's output error at 2, 4 and 8 bits and picks one per tensor under the
+``bpw`` budget (``qdllm_export.mix``). The quantized checkpoint it writes holds ``NBitsTensor``\\ s
+(``formats.nbits``), which ``formats.onnx.write_onnx`` stores as MatMulNBits nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from formats.errors import QdllmError
+from formats.families import HParams
+from formats.tensors import HFTensors, canonical_names, canonical_shape, is_linear
+from qdllm_export.calib import CalibConfig
+
+OUTTYPES = {"int2": (2,), "int4": (4,), "int8": (8,), "auto": (2, 4, 8)}  # outtype -> candidate bits
+BLOCK_SIZES = (32, 64, 128)  # what the CLI offers (MatMulNBits takes any power of two >= 16)
+ROUNDINGS = ("gptq", "rtn")  # grids.base.GridConfig roundings offered: calibrated, or no data
+
+OnLayer = Callable[[int, int, str], None]
+
+
+@dataclass
+class NBitsSpec:
+    """What to produce: ``outtype`` (int2 | int4 | int8 | auto), ``bpw`` (auto's budget: stored bits per
+    weight of the linears, scales and zero points included), ``block_size`` (columns per scale),
+    ``rounding`` (gptq: calibrated; rtn: no data)."""
+
+    outtype: str = "int4"
+    bpw: float | None = None
+    block_size: int = 32
+    rounding: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.outtype not in OUTTYPES:
+            raise QdllmError(f"--outtype {self.outtype!r} is not one of {', '.join(OUTTYPES)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise QdllmError(f"--block-size {self.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.outtype == "auto" and self.bpw is None:
+            raise QdllmError("--outtype auto needs a budget: --bpw B (stored bits per weight of the linears, e.g. 2.5)")
+        if self.outtype != "auto" and self.bpw is not None:
+            raise QdllmError(f"--bpw is the budget of --outtype auto; --outtype {self.outtype} has a fixed size")
+        if self.rounding not in ROUNDINGS:
+            raise QdllmError(f"rounding {self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return OUTTYPES[self.outtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_block_size(hp: HParams, block_size: int, where: str | Path) -> None:
+    """Every linear's input width must be a multiple of ``block_size``; the error names the first
+    tensor that is not and the block sizes that fit every linear."""
+    widths = {name: canonical_shape(hp, name)[1] for name in canonical_names(hp) if is_linear(hp, name)}
+    bad = next((n for n, w in widths.items() if w % block_size), None)
+    if bad is None:
+        return
+    fit = [b for b in BLOCK_SIZES if all(w % b == 0 for w in widths.values())]
+    hint = f"block sizes that fit every linear: {', '.join(map(str, fit))}" if fit else \
+        f"no offered block size ({', '.join(map(str, BLOCK_SIZES))}) fits every linear; export with --outtype f16"
+    raise QdllmError(f"{where}: tensor {bad} has n_in={widths[bad]}, not a multiple of --block-size {block_size}; {hint}")
+
+
+def nbits_target(folder: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, device: str = "cpu",
+                 on_layer: OnLayer | None = None) -> Any:
+    """The pipeline target (``targets.GridTarget``) of ``spec``; for ``auto`` this measures the
+    sensitivities and fixes the plan."""
+    from qdllm_export.grids.base import GridConfig
+    from qdllm_export.grids.nbits import NBitsGrid
+    from qdllm_export.targets import GridTarget
+
+    grids = {f"int{b}": NBitsGrid(b, spec.block_size) for b in spec.bits}
+    describe: dict[str, Any] = {"outtype": spec.outtype, "block_size": spec.block_size}
+    if spec.outtype == "auto":
+        from qdllm_export.mix import allocate, measure_sensitivity, plan_summary
+
+        sens = measure_sensitivity(folder, {k: (lambda n_in, g=g: g) for k, g in grids.items()}, ccfg, device=device,
+                                   on_layer=on_layer)
+        choice = allocate(sens, float(spec.bpw))
+        describe.update(bpw=float(spec.bpw), plan=plan_summary(sens, choice))
+        return GridTarget(lambda name, n_in: grids[choice[name]], GridConfig(rounding=spec.rounding), "nbits", describe)
+    grid = grids[spec.outtype]
+    return GridTarget(lambda name, n_in: grid, GridConfig(rounding=spec.rounding), "nbits", describe)
+
+
+def quantize_nbits(folder: str | Path, out_dir: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, device: str = "cpu",
+                   force: bool = False, on_layer: OnLayer | None = None) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint at ``folder`` quantized to MatMulNBits linears into a quantized checkpoint at
+    ``out_dir``; returns the pipeline's ``(PipelineResult, record)``. Nothing is left at ``out_dir`` on failure."""
+    from qdllm_export.pipeline import quantize_checkpoint
+
+    check_block_size(HFTensors(folder).hparams, spec.block_size, folder)
+    target = nbits_target(folder, spec, ccfg, device=device, on_layer=on_layer)
+    return quantize_checkpoint(folder, out_dir, target, ccfg, device=device, force=force, on_layer=on_layer)
+
+
+__all__ = ["NBitsSpec", "OUTTYPES", "BLOCK_SIZES", "check_block_size", "nbits_target", "quantize_nbits"]
