@@ -96,6 +96,7 @@ def quantize(
                           "seconds": record["seconds"], "block_output_errors": record["block_output_errors"],
                           "tensors": record["tensors"]}))
         return
-    console.print(summary_table(result, f"{method} {bits:g} bits -> {out_dir}"))
+    console.print(summary_table(result, f"{method} {bits:g} bits"))
+    console.print(f"wrote {out_dir}", soft_wrap=True)  # a path is never wrapped inside a table title
     console.print(f"quantized linears: {record['bits_per_weight_linear']:.3f} bits/weight, folder {size / 2**20:.2f} MiB, "
                   f"{record['seconds']:.1f} s")
