@@ -29,11 +29,11 @@ def layer(rows: int, cols: int, seed: int = 0, device: str = "cpu") -> tuple[tor
     g = torch.Generator().manual_seed(seed)
     chi2 = torch.randn(5, rows, cols, generator=g).square().mean(0)
     W = torch.randn(rows, cols, generator=g) / chi2.sqrt() * (0.5 + torch.rand(rows, 1, generator=g)) * 0.02  # Student t, 5 dof
-    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5
-    X = torch.randn(8 * cols, cols, generator=g) @ mix
-    X *= (0.5 + torch.rand(cols, generator=g))
+    mix = (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5).to(device)
+    X = torch.randn(8 * cols, cols, generator=g).to(device) @ mix
+    X *= (0.5 + torch.rand(cols, generator=g)).to(device)
     X[:, torch.randperm(cols, generator=g)[: max(1, cols // 64)]] *= 20.0
-    return W.to(device), (X.T @ X / X.shape[0]).to(device)
+    return W.to(device), X.T @ X / X.shape[0]
 
 
 def rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -42,8 +42,11 @@ def rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return float(torch.trace(D @ Hd @ D.T) / torch.trace(Wd @ Hd @ Wd.T))
 
 
-def fit(W: torch.Tensor, H: torch.Tensor | None, name: str, rounding: str, refit: bool = True) -> tuple[float, float]:
+def fit(W: torch.Tensor, H: torch.Tensor | None, name: str, rounding: str, refit: bool = True) -> tuple[float, torch.Tensor]:
+    """Bits per weight and ``W_hat``; checks that the stored bytes decode (gguf-py) to ``W_hat`` exactly."""
     res = grid_quantize(W, H, GGML_GRIDS[name](), GridConfig(rounding=rounding, refit=refit))
+    if not np.array_equal(res.stored.dequantize(), res.w_hat.cpu().numpy()):
+        raise AssertionError(f"{name} {rounding}: the stored bytes do not decode to w_hat")
     return res.stored.bits_per_weight(), res.w_hat
 
 
@@ -71,7 +74,7 @@ def speed(n: int, types: list[str], device: str) -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            fit(W, H, t, mode)
+            grid_quantize(W, H, GGML_GRIDS[t](), GridConfig(rounding=mode))
             if device == "cuda":
                 torch.cuda.synchronize()
             print(f"{t} {mode}: {time.perf_counter() - t0:.2f} s for {n}x{n} on {device}", flush=True)

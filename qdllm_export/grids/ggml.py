@@ -93,6 +93,7 @@ class GGMLState:
     sc: torch.Tensor
     m: torch.Tensor
     q: torch.Tensor
+    cols: tuple[torch.Tensor, ...] | None = None  # d*sc, dmin*m, d*sc with ones for zeros: [S, n], for round
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
@@ -118,18 +119,19 @@ class GGMLGrid:
         return 8.0 * size / block
 
     # ------------------------------------------------------------------ stored values
-    def nearest(self, x: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
+    def nearest(self, x: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor, safe: torch.Tensor | None = None) -> torch.Tensor:
         """Index (long, shape of ``x``) of the stored value ``dl*lev - ml`` nearest to ``x``; ``dl``, ``ml``
-        broadcast against ``x``. Exact: the two bracketing levels are compared in float32."""
+        broadcast against ``x``; ``safe``: ``dl`` with its zeros replaced by ones, if at hand. Uniform
+        levels round ``(x + ml) / dl`` (a float32 tie may go either way); others compare the two
+        bracketing levels."""
         lev = self.levels(x.device)
         n = lev.numel()
-        safe = torch.where(dl == 0, torch.ones_like(dl), dl)
+        if safe is None:
+            safe = torch.where(dl == 0, 1.0, dl)
         t = (x + ml) / safe
         if self.spec.uniform:
-            i0 = (torch.floor(t) - lev[0]).clamp(0, n - 2)
-        else:
-            i0 = (torch.searchsorted(lev, t.contiguous()) - 1).clamp(0, n - 2).to(torch.float32)
-        i0 = i0.nan_to_num(0.0).long()
+            return torch.round(t).sub_(self.spec.levels[0]).clamp_(0, n - 1).long()
+        i0 = (torch.searchsorted(lev, t.contiguous()) - 1).clamp_(0, n - 2)
         v0 = dl * lev[i0] - ml
         v1 = dl * lev[i0 + 1] - ml
         return i0 + ((v1 - x).abs() < (v0 - x).abs()).long()
@@ -159,10 +161,17 @@ class GGMLGrid:
         return st
 
     def round(self, st: GGMLState, c: int, w: torch.Tensor) -> torch.Tensor:
-        j = c // self.spec.sub
-        dl, ml = st.d * st.sc[:, j], st.dmin * st.m[:, j]
-        idx = self.nearest(w[:, 0], dl, ml)
-        st.q[:, c] = idx.to(torch.uint8)
+        if st.cols is None:
+            dl, ml = self._dl_ml(st)
+            st.cols = (dl.T.contiguous(), ml.T.contiguous(), torch.where(dl == 0, 1.0, dl).T.contiguous())
+        dl, ml, safe = (a[c // self.spec.sub] for a in st.cols)
+        lev = self.spec.levels
+        if self.spec.uniform:  # the level itself, as nearest() rounds it: fewer kernels per column
+            v = torch.round((w[:, 0] + ml) / safe).clamp_(lev[0], lev[-1])
+            st.q[:, c] = v - lev[0] if lev[0] else v
+            return (dl * v - ml)[:, None]
+        idx = self.nearest(w[:, 0], dl, ml, safe)
+        st.q[:, c] = idx
         return self.value(idx, dl, ml)[:, None]
 
     def refit(self, st: GGMLState, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
@@ -209,10 +218,29 @@ class GGMLGrid:
         return _sym_sub_fit(self, X, wt), torch.zeros(X.shape[:2], device=X.device)
 
     def _errors(self, X: torch.Tensor, wt: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest codes [n, S, L] under per-sub-block ``dl``, ``ml`` [n, S] and their weighted error [n, S]."""
+        """Nearest codes under per-sub-block ``dl``, ``ml`` [..., n, S] (leading candidate dims allowed) and
+        their weighted error [..., n, S]; ``X`` [n, S, L]."""
         idx = self.nearest(X, dl[..., None], ml[..., None])
         err = (wt * (self.value(idx, dl[..., None], ml[..., None]) - X).square()).sum(-1)
         return idx, err
+
+    def _fields(self, d: torch.Tensor, dmin: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer sub-fields ``sc``, ``m`` [..., n, S] nearest to ``s / d`` and ``o / dmin`` (``d``, ``dmin`` [..., n])."""
+        sp = self.spec
+        sc = torch.where(d[..., None] != 0, torch.round(s / torch.where(d == 0, 1.0, d)[..., None]), 0.0).clamp_(*sp.sc_range)
+        if not sp.affine:
+            return sc, torch.zeros_like(sc)
+        m = torch.where(dmin[..., None] != 0, torch.round(o / torch.where(dmin == 0, 1.0, dmin)[..., None]), 0.0)
+        return sc, m.clamp_(*sp.m_range)
+
+    def _score(self, X: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, s: torch.Tensor,
+               o: torch.Tensor) -> torch.Tensor:
+        """Weighted error [K, n] of the re-rounded block under each candidate ``d``, ``dmin`` [K, n]."""
+        out = []
+        for k0, k1 in _chunks(d.shape[0], X.numel()):
+            sc, m = self._fields(d[k0:k1], dmin[k0:k1], s, o)
+            out.append(self._errors(X, wt, d[k0:k1, :, None] * sc, dmin[k0:k1, :, None] * m)[1].sum(-1))
+        return torch.cat(out)
 
     def _block_params(self, X: torch.Tensor, wt: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> GGMLState:
         """Step 2: fp16 ``d`` / ``dmin`` and integer sub-fields from the continuous fit (module doc)."""
@@ -222,51 +250,28 @@ class GGMLGrid:
         if sp.sc_range is None:  # legacy: one sub-block, the fields are the fp16 values themselves
             d = fp16(s[:, 0])
             dmin = fp16(-o[:, 0]) if sp.affine else torch.zeros_like(d)
-            m = -ones if sp.affine else 0 * ones
-            st = GGMLState(d, dmin, ones, m, torch.zeros(n, sp.block, dtype=torch.uint8, device=X.device))
-            st.q = self._errors(X, wt, *self._dl_ml(st))[0].view(n, -1).to(torch.uint8)
-            return st
-        lo, hi = sp.sc_range
-        if sp.affine:
-            mlo, mhi = sp.m_range
-            smax = s.amax(1)
-            d_cands = [smax / (hi * r) for r in D_RATIOS]
+            sc, m = ones, (-ones if sp.affine else 0 * ones)
         else:
-            xs = s.gather(1, s.abs().argmax(1, keepdim=True))[:, 0]  # signed largest sub-scale
-            d_cands = [xs / (lo * r) for r in D_RATIOS] + [xs / (hi * r) for r in D_RATIOS]
-        zero = torch.zeros(n, device=X.device)
-        dmin = fp16(o.amax(1) / sp.m_range[1]) if sp.affine else zero
-        best = None
-        for dc in d_cands:  # block scale, mins at their default
-            best = self._try(best, X, wt, fp16(dc), dmin, s, o)
-        if sp.affine:
-            omax = o.amax(1)
-            for r in D_RATIOS[1:]:
-                best = self._try(best, X, wt, best[1].d, fp16(omax / (mhi * r)), s, o)
-        return best[1]
-
-    def _try(self, best, X, wt, d, dmin, s, o):
-        """Score block parameters ``d``, ``dmin`` [n] with sub-fields rounded from ``s``, ``o``; keep the better per row."""
-        sp = self.spec
-        lo, hi = sp.sc_range
-        sc = torch.where(d[:, None] != 0, torch.round(s / torch.where(d == 0, 1.0, d)[:, None]), 0.0).clamp(lo, hi)
-        if sp.affine:
-            mlo, mhi = sp.m_range
-            m = torch.where(dmin[:, None] != 0, torch.round(o / torch.where(dmin == 0, 1.0, dmin)[:, None]), 0.0).clamp(mlo, mhi)
-        else:
-            m = torch.zeros_like(sc)
-        idx, err = self._errors(X, wt, d[:, None] * sc, dmin[:, None] * m)
-        n = X.shape[0]
-        st = GGMLState(d, dmin, sc, m, idx.view(n, -1).to(torch.uint8))
-        e = err.sum(1)
-        if best is None:
-            return e, st
-        better = e < best[0]
-        return torch.where(better, e, best[0]), _select(better, st, best[1])
+            lo, hi = sp.sc_range
+            r = torch.tensor(D_RATIOS, device=X.device)[:, None]
+            if sp.affine:
+                D = fp16(s.amax(1) / (hi * r))
+            else:
+                xs = s.gather(1, s.abs().argmax(1, keepdim=True))[:, 0]  # signed largest sub-scale
+                D = fp16(torch.cat([xs / (lo * r), xs / (hi * r)]))
+            dmin = fp16(o.amax(1) / sp.m_range[1]) if sp.affine else torch.zeros(n, device=X.device)
+            d = _pick(D, self._score(X, wt, D, dmin.expand_as(D), s, o))
+            if sp.affine:
+                M = fp16(o.amax(1) / (sp.m_range[1] * r))
+                dmin = _pick(M, self._score(X, wt, d.expand_as(M), M, s, o))
+            sc, m = self._fields(d, dmin, s, o)
+        idx = self._errors(X, wt, d[:, None] * sc, dmin[:, None] * m)[0]
+        return GGMLState(d, dmin, sc, m, idx.view(n, -1).to(torch.uint8))
 
     def _descend(self, st: GGMLState, X: torch.Tensor, wt: torch.Tensor) -> None:
         """Step 3 (module doc), in place: one round of block-scale then sub-field refits, each kept where
         the weighted error on ``X`` drops."""
+        st.cols = None
         n = X.shape[0]
         dl, ml = self._dl_ml(st)
         q = st.q.long().view(X.shape)
@@ -332,70 +337,84 @@ class GGMLGrid:
                 yield fs(sc_r).clamp(lo, hi), st.m
 
 
+CHUNK = 1 << 23  # elements of one candidate batch [K, n, S, L] (32 MB of float32 per temporary)
+
+
+def _chunks(k: int, per: int) -> list[tuple[int, int]]:
+    """Candidate ranges ``[k0, k1)`` of at most ``CHUNK / per`` candidates each."""
+    step = max(1, CHUNK // max(per, 1))
+    return [(k0, min(k, k0 + step)) for k0 in range(0, k, step)]
+
+
+def _pick(cands: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """Per row, the candidate [K, n] of least error [K, n] (the first on ties) -> [n]."""
+    return cands.gather(0, err.argmin(0, keepdim=True))[0]
+
+
 def _wsum(a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """Weighted sum over sub-blocks and elements: ``[n, S, L]`` -> ``[n]``."""
     return (a * wt).sum((1, 2))
 
 
-def _select(mask: torch.Tensor, a: GGMLState, b: GGMLState) -> GGMLState:
-    """Per row: ``a`` where ``mask`` [n] else ``b``."""
-    def w(x, y):
-        return torch.where(mask.view(-1, *([1] * (x.ndim - 1))), x, y)
-    return GGMLState(w(a.d, b.d), w(a.dmin, b.dmin), w(a.sc, b.sc), w(a.m, b.m), w(a.q, b.q))
-
-
 def _sym_sub_fit(grid: GGMLGrid, X: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """Best continuous signed scale [n, S] per sub-block of a symmetric type (value = s * lev)."""
+    """Best continuous signed scale [n, S] per sub-block of a symmetric type (value = s * lev): the largest
+    value mapped to a ratio of either extreme level, each candidate re-solved by least squares."""
     lev = grid.levels(X.device)
-    xm = X.gather(-1, X.abs().argmax(-1, keepdim=True))[..., 0]  # signed largest value
+    xm = X.gather(-1, X.abs().argmax(-1, keepdim=True))[..., 0]  # signed largest value [n, S]
     sxx = (wt * X * X).sum(-1)
-    best_e, best_s = sxx.clone(), torch.zeros_like(sxx)  # s = 0
-    zero = torch.zeros_like(xm)[..., None]
-    for L in (float(lev[0]), float(lev[-1])):
-        for r in SUB_RATIOS:
-            s = xm / (L * r)
-            v = lev[grid.nearest(X, s[..., None], zero)]
-            svv, svx = (wt * v * v).sum(-1), (wt * v * X).sum(-1)
-            ok = svv > 0
-            e = torch.where(ok, sxx - svx * svx / svv.clamp_min(1e-30), sxx)
-            s_ls = torch.where(ok, svx / svv.clamp_min(1e-30), 0 * s)
-            better = e < best_e
-            best_e, best_s = torch.where(better, e, best_e), torch.where(better, s_ls, best_s)
+    ends = [L * r for L in (grid.spec.levels[0], grid.spec.levels[-1]) for r in SUB_RATIOS]
+    best_e, best_s = sxx, torch.zeros_like(sxx)  # s = 0
+    for k0, k1 in _chunks(len(ends), X.numel()):
+        s = xm / torch.tensor(ends[k0:k1], device=X.device)[:, None, None]  # [K, n, S]
+        v = lev[grid.nearest(X, s[..., None], torch.zeros_like(s)[..., None])]
+        svv, svx = (wt * v * v).sum(-1), (wt * v * X).sum(-1)
+        ok = svv > 0
+        e = torch.where(ok, sxx - svx * svx / svv.clamp_min(1e-30), sxx)
+        s_ls = torch.where(ok, svx / svv.clamp_min(1e-30), 0.0)
+        k = e.argmin(0, keepdim=True)
+        e, s_ls = e.gather(0, k)[0], s_ls.gather(0, k)[0]
+        better = e < best_e
+        best_e, best_s = torch.where(better, e, best_e), torch.where(better, s_ls, best_s)
     return best_s
 
 
 def _affine_sub_fit(X: torch.Tensor, wt: torch.Tensor, nq: int, clamp_min: bool,
                     rmin: float = -0.9, rdelta: float = 0.05, nstep: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
     """Best continuous (scale, offset) [n, S] per sub-block, value = s * q - o, q in 0..nq (llama.cpp's
-    ``make_qkx3_quants`` search, vectorised). ``clamp_min``: the offset is a min of the block (o >= 0)."""
+    ``make_qkx3_quants`` search, vectorised over candidates). ``clamp_min``: the offset is a min of the
+    block (o >= 0)."""
     mn = X.amin(-1)
     if clamp_min:
         mn = mn.clamp(max=0.0)
-    mx = X.amax(-1)
-    span = (mx - mn)
+    span = X.amax(-1) - mn
     flat = span <= 0
-    span = torch.where(flat, torch.ones_like(span), span)
+    span = torch.where(flat, 1.0, span)
+    Xm = X - mn[..., None]
     sw, sx = wt.sum(-1).expand_as(mn), (wt * X).sum(-1)
     best_e = torch.full_like(mn, float("inf"))
     best_s, best_o = torch.zeros_like(mn), -mn
-    for k in range(nstep + 1):
-        iscale = (nq + rmin + rdelta * k) / span
-        q = torch.round(iscale[..., None] * (X - mn[..., None])).clamp(0, nq)
-        sq, sqq, sqx = (wt * q).sum(-1), (wt * q * q).sum(-1), (wt * q * X).sum(-1)
+    steps = [nq + rmin + rdelta * k for k in range(nstep + 1)]
+    for k0, k1 in _chunks(len(steps), X.numel()):
+        iscale = torch.tensor(steps[k0:k1], device=X.device)[:, None, None] / span  # [K, n, S]
+        q = torch.round(iscale[..., None] * Xm).clamp_(0, nq)
+        wq = wt * q
+        sq, sqq, sqx = wq.sum(-1), (wq * q).sum(-1), (wq * X).sum(-1)
         D = sw * sqq - sq * sq
         ok = D > 0
-        Ds = torch.where(ok, D, torch.ones_like(D))
+        Ds = torch.where(ok, D, 1.0)
         s = (sw * sqx - sx * sq) / Ds
         m = (sqq * sx - sq * sqx) / Ds
         if clamp_min:
             pos = m > 0
             s = torch.where(pos, sqx / sqq.clamp_min(1e-30), s)
-            m = torch.where(pos, torch.zeros_like(m), m)
-        e = (wt * (s[..., None] * q + m[..., None] - X).square()).sum(-1)
-        better = ok & (e < best_e)
+            m = torch.where(pos, 0.0, m)
+        e = torch.where(ok, (wt * (s[..., None] * q + m[..., None] - X).square()).sum(-1), float("inf"))
+        k = e.argmin(0, keepdim=True)
+        e, s, m = e.gather(0, k)[0], s.gather(0, k)[0], m.gather(0, k)[0]
+        better = e < best_e
         best_e = torch.where(better, e, best_e)
         best_s, best_o = torch.where(better, s, best_s), torch.where(better, -m, best_o)
-    best_s = torch.where(flat, torch.zeros_like(best_s), best_s.clamp_min(0.0))
+    best_s = torch.where(flat, 0.0, best_s.clamp_min(0.0))
     return best_s, best_o
 
 
