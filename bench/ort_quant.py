@@ -483,16 +483,17 @@ def main(argv: list[str] | None = None) -> None:
 
     ccfg = CalibConfig(n_samples=a.calib_samples, seq_len=a.calib_seq_len)
     ev = EvalConfig(seq_len=a.eval_seq_len, windows=a.eval_windows, mc=a.mc)
+    args = {"calib_samples": a.calib_samples, "calib_seq_len": a.calib_seq_len, "eval_windows": a.eval_windows,
+            "eval_seq_len": a.eval_seq_len, "mc": a.mc}
     rows: list[Row] = []
+    a.json.parent.mkdir(parents=True, exist_ok=True)
     for model in a.models:
         rows += compare(resolve(model), a.work / model, model=model, bits=tuple(a.bits), block_sizes=tuple(a.block_sizes),
                         algos=tuple(a.algos), auto_bpw=tuple(a.auto_bpw), with_planes=not a.no_planes,
                         channel_scale=a.channel_scale, ccfg=ccfg, ev=ev, device=a.device,
                         log=lambda r: print(json.dumps(r.__dict__, default=str), flush=True))
-    args = {"calib_samples": a.calib_samples, "calib_seq_len": a.calib_seq_len, "eval_windows": a.eval_windows,
-            "eval_seq_len": a.eval_seq_len, "mc": a.mc}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps({"machine": machine(), "settings": args, "rows": [r.__dict__ for r in rows]}, indent=1, default=str))
+        a.json.write_text(json.dumps({"machine": machine(), "settings": args, "rows": [r.__dict__ for r in rows]},
+                                     indent=1, default=str))
     if not a.no_doc:
         plot(rows, DOC_PNG)
         write_section("ort-quant", markdown(rows, args))
