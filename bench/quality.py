@@ -1,48 +1,170 @@
-"""Quality benchmark: validation NLL of FP, RTN, GPTQ and Quant-dLLM (with ablations) on the bundled models.
+"""Quality benchmark: validation NLL of FP, RTN, GPTQ and Quant-dLLM (ablations, objective choices) on
+the bundled models, over several calibration seeds.
 
-    python bench/quality.py [--models tiny-llada tiny-dream] [--device cpu]
+    python bench/quality.py [--models tiny-llada tiny-dream] [--seeds 0 1 2] [--device cpu] [--jobs 1]
+                            [--variants LABEL ...] [--resume]
 
-Every variant is quantized with the same calibration windows and evaluated on identical seeded masks
-of the bundled validation text; bits per weight count every stored bit of the quantized linears.
-Writes the table to docs/benchmarks.md (section "quality") and a JSON file beside it.
+Every variant of one seed is quantized from the same calibration windows (the seed picks the windows and
+the MCS masks) and evaluated on identical seeded masks of the held-out validation text. Bits per weight
+count every stored bit of the quantized linears; for RTN/GPTQ also their native packing (codes plus an
+fp16 scale and zero per group). Writes docs/quality.json and the ``quality`` section of docs/benchmarks.md
+(``--table main`` or ``--table objective`` picks the rows; ``--no-doc`` writes only the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, md_table, write_section  # noqa: E402
-from qdllm_export.backends import open_model, resolve  # noqa: E402
-from qdllm_export.calib import CalibConfig  # noqa: E402
-from qdllm_export.cli.evaluate import DEFAULT_DATA, text_token_windows  # noqa: E402
-from qdllm_export.pipeline import quantize_checkpoint  # noqa: E402
-from qdllm_export.quant import QuantConfig  # noqa: E402
-from runtime_ref.likelihood import masked_nll  # noqa: E402
 
-VARIANTS: list[tuple[str, dict | None, dict]] = [
-    ("FP (bf16 weights)", None, {}),
-    ("RTN-2", dict(method="rtn", bits=2), {}),
-    ("GPTQ-2", dict(method="gptq", bits=2), {}),
-    ("GPTQ-3", dict(method="gptq", bits=3), {}),
-    ("Quant-dLLM-2", dict(method="quant-dllm", bits=2), {}),
-    ("Quant-dLLM-2 without MCS", dict(method="quant-dllm", bits=2), dict(mcs=False)),
-    ("Quant-dLLM-2 without ABMP", dict(method="quant-dllm", bits=2, abmp=False), {}),
-    ("Quant-dLLM-2 without data-aware weighting", dict(method="quant-dllm", bits=2, data_aware=False), {}),
-]
+QD = dict(method="quant-dllm", bits=2)
+# label -> (QuantConfig fields, CalibConfig overrides, true_sequential, table)
+VARIANTS: dict[str, tuple[dict | None, dict, bool, str]] = {
+    "FP (bf16 weights)": (None, {}, True, "main"),
+    "RTN-2": (dict(method="rtn", bits=2), {}, True, "main"),
+    "GPTQ-2": (dict(method="gptq", bits=2), {}, True, "main"),
+    "GPTQ-2 act-order": (dict(method="gptq", bits=2, act_order=True), {}, True, "main"),
+    "GPTQ-3": (dict(method="gptq", bits=3), {}, True, "main"),
+    "GPTQ-3 act-order": (dict(method="gptq", bits=3, act_order=True), {}, True, "main"),
+    "Quant-dLLM-2": (QD, {}, True, "main"),
+    "Quant-dLLM-2 without MCS": (QD, dict(mcs=False), True, "main"),
+    "Quant-dLLM-2 without ABMP": (dict(QD, abmp=False), {}, True, "main"),
+    "Quant-dLLM-2 without data-aware weighting": (dict(QD, data_aware=False), {}, True, "main"),
+    "Quant-dLLM-2 without true-sequential": (QD, {}, False, "main"),
+    "Quant-dLLM-2 metric=full": (dict(QD, metric="full"), {}, True, "objective"),
+    "Quant-dLLM-2 inblock=gptq": (dict(QD, inblock="gptq"), {}, True, "objective"),
+    "Quant-dLLM-2 inblock=none": (dict(QD, inblock="none"), {}, True, "objective"),
+    "Quant-dLLM-2 percdamp=0.1": (dict(QD, percdamp=0.1), {}, True, "objective"),
+    "Quant-dLLM-2 iters=5": (dict(QD, iters=5), {}, True, "objective"),
+    "Quant-dLLM-2 iters=30": (dict(QD, iters=30), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP score hdiag": (dict(QD, importance="hdiag"), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP ratio 0.1": (dict(QD, abmp_ratio=0.1), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP pool group": (dict(QD, abmp_pool="group"), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP pool linear": (dict(QD, abmp_pool="linear"), {}, True, "objective"),
+}
+DETERMINISTIC = ("FP (bf16 weights)", "RTN-2")  # no calibration data: one seed is every seed
+
+
+def _eval_setup(model: str, device: str, a: argparse.Namespace):
+    from qdllm_export.backends import open_model
+    from qdllm_export.cli.evaluate import DEFAULT_DATA, text_token_windows
+
+    fp = open_model(model, device=device)
+    return fp, text_token_windows(fp.tokenizer, DEFAULT_DATA, a.eval_seq_len, a.eval_windows)
+
+
+def _nll(backend, windows, mc: int):
+    from runtime_ref.likelihood import masked_nll
+
+    return masked_nll(backend.logits, windows, mask_id=backend.hparams.mask_token_id, n_mc=mc, seed=0,
+                      protect_first=backend.hparams.spec.shift_logits)
+
+
+def run_one(model: str, label: str, seed: int, a: argparse.Namespace) -> dict:
+    """Quantize ``model`` with variant ``label`` on calibration seed ``seed`` and evaluate it."""
+    import torch
+
+    from qdllm_export.backends import open_model, resolve
+    from qdllm_export.calib import CalibConfig
+    from qdllm_export.pipeline import quantize_checkpoint
+    from qdllm_export.quant import QuantConfig
+
+    torch.set_num_threads(a.threads)
+    q, c, ts, _ = VARIANTS[label]
+    t0 = time.time()
+    fp, windows = _eval_setup(model, a.device, a)
+    bpw = native = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if q is None:
+            be = fp
+        else:
+            ccfg = CalibConfig(n_samples=a.calib_samples, seq_len=a.calib_seq_len, seed=seed, **c)
+            _, rec = quantize_checkpoint(resolve(model), Path(tmp) / "q", QuantConfig(**q), ccfg, device=a.device,
+                                         true_sequential=ts)
+            bpw, native = rec["bits_per_weight_linear"], rec.get("bits_per_weight_linear_native")
+            be = open_model(str(Path(tmp) / "q"), device=a.device)
+        res = _nll(be, windows, a.mc)
+    return dict(model=model, variant=label, seed=seed, bits_per_weight=bpw, bits_per_weight_native=native,
+                nll=res.nll, stderr=res.stderr, seconds=time.time() - t0)
+
+
+def _tasks(a: argparse.Namespace, done: set) -> list[tuple[str, str, int]]:
+    out = []
+    for model in a.models:
+        for label in a.variants:
+            for seed in (a.seeds[:1] if label in DETERMINISTIC else a.seeds):
+                if (model, label, seed) not in done:
+                    out.append((model, label, seed))
+    return out
+
+
+def summarise(results: list[dict], models: list[str], labels: list[str]) -> list[dict]:
+    """Per (model, variant): mean and spread over seeds of NLL and of the paired delta against FP."""
+    rows = []
+    for model in models:
+        fp = [r["nll"] for r in results if r["model"] == model and r["variant"] == "FP (bf16 weights)"]
+        if not fp:
+            continue
+        for label in labels:
+            rs = [r for r in results if r["model"] == model and r["variant"] == label]
+            if not rs:
+                continue
+            deltas = [r["nll"] - fp[0] for r in rs]
+            rows.append(dict(model=model, variant=label, n_seeds=len(rs), bits=rs[0]["bits_per_weight"],
+                             native=rs[0].get("bits_per_weight_native"), nll=statistics.mean(r["nll"] for r in rs),
+                             stderr=rs[0]["stderr"], delta=statistics.mean(deltas),
+                             spread=statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
+                             deltas=deltas))
+    return rows
+
+
+def _bits(r: dict) -> tuple[str, str]:
+    if r["bits"] is None:
+        return "16 (bf16)", "16"
+    return f"{r['bits']:.3f}", "-" if r["native"] is None else f"{r['native']:.3f}"
+
+
+def doc_body(rows: list[dict], a: argparse.Namespace, table: str) -> str:
+    lines = []
+    for r in rows:
+        if VARIANTS[r["variant"]][3] != table and r["variant"] != "FP (bf16 weights)":
+            continue
+        planes, native = _bits(r)
+        lines.append([r["model"], r["variant"], planes, native, f"{r['nll']:.4f} ± {r['stderr']:.4f}",
+                      f"{r['delta']:+.4f} ± {r['spread']:.4f}", " ".join(f"{d:+.3f}" for d in r["deltas"])])
+    head = ["model", "variant", "bits/weight stored (planes)", "bits/weight native packing", "NLL (mean over seeds)",
+            "ΔNLL vs FP (mean ± sd over seeds)", "ΔNLL per seed"]
+    return (
+        f"Machine: {a.machine}. Calibration: {a.calib_samples} windows x {a.calib_seq_len} tokens of the bundled "
+        f"Shakespeare train text per seed (seeds {', '.join(map(str, a.seeds))}: the seed picks the windows and the MCS "
+        f"masks; MCS and true-sequential unless stated). Eval: masked-diffusion NLL bound (nats/token) on "
+        f"{a.eval_windows} windows x {a.eval_seq_len} tokens of the held-out validation text, {a.mc} stratified masks per "
+        "window, identical masks for every variant; ± after the NLL is the standard error over windows, ± after ΔNLL "
+        "the standard deviation over calibration seeds (deltas are paired, so they are far less noisy than the NLL). "
+        "Bits per weight: every stored bit of the quantized linears as binary planes (signs, fp16 scales, mu, plane "
+        "counts); for RTN/GPTQ also as their own packing (codes + fp16 scale + fp16 zero per 128-group); embeddings "
+        "and head stay bf16.\n\n" + md_table(head, lines)
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-llada", "tiny-dream"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="LABEL")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="Parallel worker processes.")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per worker.")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--eval-seq-len", type=int, default=128)
@@ -52,54 +174,36 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true", help="Do not write docs/benchmarks.md.")
     ap.add_argument("--resume", action="store_true", help="Keep the rows already in --json and run only the missing ones.")
     a = ap.parse_args()
-    results = json.loads(a.json.read_text())["results"] if a.resume and a.json.exists() else []
-    done = {(r["model"], r["variant"]) for r in results}
-    for model in a.models:
-        folder = resolve(model)
-        fp = open_model(model, device=a.device)
-        windows = text_token_windows(fp.tokenizer, DEFAULT_DATA, a.eval_seq_len, a.eval_windows)
-        fp_nll = next((r["nll"] for r in results if r["model"] == model and r["bits_per_weight"] is None), None)
-        for label, q, c in VARIANTS:
-            if (model, label) in done:
-                continue
-            t0 = time.time()
-            with tempfile.TemporaryDirectory() as tmp:
-                bpw = None
-                if q is None:
-                    be = fp
-                else:
-                    ccfg = CalibConfig(n_samples=a.calib_samples, seq_len=a.calib_seq_len, **c)
-                    _, rec = quantize_checkpoint(folder, Path(tmp) / "q", QuantConfig(**q), ccfg, device=a.device)
-                    bpw = rec["bits_per_weight_linear"]
-                    be = open_model(str(Path(tmp) / "q"), device=a.device)
-                res = masked_nll(be.logits, windows, mask_id=be.hparams.mask_token_id, n_mc=a.mc, seed=0,
-                                 protect_first=be.hparams.spec.shift_logits)
-            fp_nll = res.nll if fp_nll is None else fp_nll
-            row = dict(model=model, variant=label, bits_per_weight=bpw, nll=res.nll, stderr=res.stderr,
-                       delta=res.nll - fp_nll, seconds=time.time() - t0)
+    if "FP (bf16 weights)" not in a.variants:
+        a.variants.insert(0, "FP (bf16 weights)")
+    prev = json.loads(a.json.read_text()) if a.resume and a.json.exists() else {}
+    results = prev.get("results", [])
+    a.machine = prev.get("machine", machine()) if results else machine()
+    done = {(r["model"], r["variant"], r["seed"]) for r in results}
+    tasks = _tasks(a, done)
+    settings = {k: v for k, v in vars(a).items() if k not in ("json", "resume", "machine")}
+
+    def save() -> None:
+        a.json.write_text(json.dumps({"machine": a.machine, "settings": settings, "results": results}, indent=1))
+
+    with ProcessPoolExecutor(max_workers=a.jobs) as pool:
+        futures = [pool.submit(run_one, m, l, s, a) for m, l, s in tasks]
+        for f in futures:
+            row = f.result()
             results.append(row)
             print(json.dumps(row), flush=True)
-            settings = {k: v for k, v in vars(a).items() if k not in ("json", "resume")}
-            a.json.write_text(json.dumps({"machine": machine(), "settings": settings, "results": results}, indent=1))
-    order = {v[0]: i for i, v in enumerate(VARIANTS)}
-    results.sort(key=lambda r: (a.models.index(r["model"]) if r["model"] in a.models else 99, order[r["variant"]]))
+            save()
+    for r in [r for r in results if r["variant"] in DETERMINISTIC]:  # one seed stands for all
+        for s in a.seeds[1:]:
+            if not any(x["model"] == r["model"] and x["variant"] == r["variant"] and x["seed"] == s for x in results):
+                results.append({**r, "seed": s})
+    save()
     if a.no_doc:
         return
-    rows = []
-    for r in results:
-        rows.append([r["model"], r["variant"], "16 (bf16)" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}",
-                     f"{r['nll']:.4f} ± {r['stderr']:.4f}", f"{r['delta']:+.4f}"])
-    body = (
-        "## Quality: validation NLL of the bundled models (`bench/quality.py`)\n\n"
-        f"Machine: {machine()}. Calibration: {a.calib_samples} windows x {a.calib_seq_len} tokens of the bundled "
-        f"Shakespeare train text (MCS unless stated). Eval: masked-diffusion NLL bound (nats/token) on "
-        f"{a.eval_windows} windows x {a.eval_seq_len} tokens of the held-out validation text, {a.mc} stratified masks "
-        "per window, identical masks for every variant; ± is the standard error over windows (the deltas are paired, "
-        "so their noise is much smaller). Bits per weight: every stored bit of the quantized linears (signs, fp16 "
-        "scales, mu, plane counts); embeddings and head stay bf16.\n\n"
-        + md_table(["model", "variant", "bits/weight (linears)", "NLL", "ΔNLL vs FP"], rows)
-    )
-    write_section("quality", body)
+    rows = summarise(results, a.models, list(VARIANTS))
+    write_section("quality", "## Quality: validation NLL of the bundled models (`bench/quality.py`)\n\n" + doc_body(rows, a, "main"))
+    write_section("quality-objective", "## Quant-dLLM objective choices, by NLL (`bench/quality.py`)\n\n"
+                  + doc_body(rows, a, "objective"))
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ class CalibConfig:
 def calibration_windows(tokenizer, hp: HParams, cfg: CalibConfig) -> np.ndarray:
     """``[n_samples, seq_len]`` int64 windows of the calibration text, BOS first when the model has one.
 
-    Windows start at evenly spaced offsets; when the text holds fewer than ``n_samples`` windows they
-    overlap. Text shorter than one window is an error naming the file.
+    Window ``i`` starts at a seeded random offset inside the ``i``-th of ``n_samples`` equal strides of
+    the text (``cfg.seed``), so every seed covers the whole text with different windows; when the text
+    holds fewer than ``n_samples`` windows they overlap. Text shorter than one window is an error
+    naming the file.
     """
     path = Path(cfg.path) if cfg.path else DEFAULT_CALIB
     if tokenizer is None:
@@ -64,7 +66,9 @@ def calibration_windows(tokenizer, hp: HParams, cfg: CalibConfig) -> np.ndarray:
             f"{path}: calibration text has {len(ids)} tokens, shorter than one window of {body}; "
             "give a longer --calib file or a smaller --seq-len"
         )
-    starts = np.linspace(0, len(ids) - body, cfg.n_samples).round().astype(np.int64)
+    stride = (len(ids) - body) / cfg.n_samples
+    jitter = np.random.default_rng(cfg.seed).random(cfg.n_samples)
+    starts = np.minimum(((np.arange(cfg.n_samples) + jitter) * stride).astype(np.int64), len(ids) - body)
     win = np.stack([ids[s : s + body] for s in starts])
     if bos:
         win = np.concatenate([np.full((cfg.n_samples, 1), hp.bos_token_id, np.int64), win], axis=1)

@@ -15,6 +15,7 @@ OUTLIER_SCOPES = ("layer", "block")
 COMPENSATIONS = ("exact", "diag")
 METRICS = ("diag", "full")
 ABMP_POOLS = ("block", "group", "linear")
+INBLOCK = ("none", "gptq")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class QuantConfig:
     outlier_scope: str = "layer"  # mean/std of Z for the 3-sigma rule: whole layer or per block
     compensation: str = "exact"  # block error propagation: exact (Delta U_BB^-1) or diag (BiLLM)
     metric: str = "diag"  # DAQ scale refits: diag (weights A) or full (in-block quadratic form)
+    inblock: str = "none"  # DAQ signs: none (joint elementwise re-rounding) or gptq (column by column with OBS feedback)
     abmp_pool: str = "block"  # ABMP ranks the blocks of: every linear of a transformer block | each true-sequential group | each linear
     act_order: bool = False  # GPTQ: columns by decreasing H_jj (GPTQModel desc_act; implies static groups)
     static_groups: bool = False  # GPTQ: every group's grid fixed from the weights before any update
@@ -64,6 +66,8 @@ class QuantConfig:
                 bad(f"bits (mean binary planes per block) must be in [1, {MAX_PLANES}], got {self.bits:g}")
             if not self.abmp and self.bits != int(self.bits):
                 bad(f"bits={self.bits:g} is not an integer; a fractional budget needs abmp on")
+        if self.inblock not in INBLOCK:
+            bad(f"inblock {self.inblock!r} is not one of {', '.join(INBLOCK)}")
         if self.abmp_pool not in ABMP_POOLS:
             bad(f"abmp_pool {self.abmp_pool!r} is not one of {', '.join(ABMP_POOLS)}")
         for f in ("abmp", "data_aware", "dor_base", "act_order", "static_groups"):

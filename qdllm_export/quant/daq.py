@@ -102,6 +102,30 @@ def joint_reround(W: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor) -> torch.
     return torch.stack([((best_idx >> k) & 1).to(torch.float32) * 2 - 1 for k in range(K)])
 
 
+def gptq_reround(W: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, Ubb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signs chosen column by column with the rounding error of each column fed forward to the block's
+    later columns by the OBS update (GPTQ on the per-element grid of the ``2^K`` sign combinations).
+
+    ``W [n, G]`` float32, scales ``rs [K, n]``, ``cs [K, G]``, ``Ubb [G, G]`` the block's upper factor
+    of ``H^-1``. Returns signs ``[K, n, G]`` (+-1 float) and the targets ``T [n, G]``: each column as it
+    was when rounded (what a refit of the scales should fit)."""
+    K = rs.shape[0]
+    n, G = W.shape
+    combos = torch.tensor([[1.0 if (idx >> k) & 1 else -1.0 for k in range(K)] for idx in range(2**K)],
+                          dtype=torch.float32, device=W.device)  # [2^K, K]
+    W1 = W.clone()
+    S = torch.empty(K, n, G, dtype=torch.float32, device=W.device)
+    for c in range(G):
+        vals = combos @ (rs * cs[:, c : c + 1])  # [2^K, n]
+        best = (W1[:, c][None, :] - vals).abs().argmin(dim=0)  # ties: lowest combination index
+        S[:, :, c] = combos[best].t()
+        q = vals.gather(0, best[None, :])[0]
+        if c + 1 < G:
+            err = (W1[:, c] - q) / Ubb[c, c]
+            W1[:, c + 1 :] -= err[:, None] * Ubb[c, c + 1 :][None, :]
+    return S, W1
+
+
 def greedy_init(W: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ARB-RC residual initialisation: ``(rs [K, n], cs [K, G], S [K, n, G])``."""
     R = W.clone()
@@ -158,10 +182,13 @@ class DaqBlock:
 
 def daq_block(
     W: torch.Tensor, A: torch.Tensor | None, K: int, iters: int, fp16: bool = True, track: bool = False, name: str = "",
-    M: torch.Tensor | None = None,
+    M: torch.Tensor | None = None, Ubb: torch.Tensor | None = None, rounds: int = 2,
 ) -> DaqBlock:
     """DAQ of one block ``W [n, G]`` with element weights ``A`` (None = uniform) and ``K`` planes;
-    ``M [G, G]``: full metric for the scale refits (``QuantConfig.metric == "full"``)."""
+    ``M [G, G]``: full metric for the scale refits (``QuantConfig.metric == "full"``). With ``Ubb``
+    (``QuantConfig.inblock == "gptq"``) the signs are finally chosen by :func:`gptq_reround`,
+    alternating ``rounds`` times with a refit of the scales to its targets, and once more against the
+    fp16 scales."""
     W = W.to(torch.float32)
     if A is None:
         A = torch.ones_like(W)
@@ -172,11 +199,15 @@ def daq_block(
         S = joint_reround(W, rs, cs)
         if track:
             losses.append(weighted_loss(W, A, planes_sum(rs, cs, S)))
+    if Ubb is not None:
+        for _ in range(rounds):
+            S, T = gptq_reround(W, rs, cs, Ubb)
+            rsr_sweep(T, A, rs, cs, S, M)
     if fp16:
         balance_scales(rs, cs)
         rs = to_fp16_checked(rs, "a row scale", name)
         cs = to_fp16_checked(cs, "a column scale", name)
-        S = joint_reround(W, rs, cs)
+        S = joint_reround(W, rs, cs) if Ubb is None else gptq_reround(W, rs, cs, Ubb)[0]
     return DaqBlock(rs=rs, cs=cs, S=S, Q=planes_sum(rs, cs, S), losses=losses)
 
 
@@ -286,7 +317,8 @@ def daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, plan
         db = ctx.d[c0:c1] if ctx.d is not None else None
         A = dor_weights(Wb, db, cfg, ctx) if cfg.data_aware else None
         M = block_metric(U[c0:c1, c0:c1]) if cfg.metric == "full" and cfg.data_aware and U is not None else None
-        blk = daq_block(Wb, A, int(planes[j]), cfg.iters, fp16=True, name=name, M=M)
+        Ubb = U[c0:c1, c0:c1] if cfg.inblock == "gptq" and U is not None else None
+        blk = daq_block(Wb, A, int(planes[j]), cfg.iters, fp16=True, name=name, M=M, Ubb=Ubb)
         W_hat[:, c0:c1] = blk.Q
         col.add_block(j, blk.rs, blk.cs, blk.S > 0)
         if U is not None and c1 < n_in:
