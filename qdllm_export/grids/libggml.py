@@ -174,7 +174,8 @@ class LibGGMLGrid:
         return 8.0 * self.type_size / self.block
 
     def _decode(self, data: np.ndarray) -> np.ndarray:
-        return GGMLTensor((data.shape[0], self.block), self.ggml_type, data).dequantize()
+        """ggml's own decoder (C; the tests check it equals gguf-py's bit for bit) -> float32 [n, block]."""
+        return to_float(data, self.ggml_type, (data.shape[0], self.block))
 
     def init(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> LibState:
         return LibState(None if imp is None else imp.detach().to(torch.float32).cpu().numpy())
