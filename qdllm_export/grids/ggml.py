@@ -175,6 +175,7 @@ class GGMLGrid:
         return self.value(idx, dl, ml)[:, None]
 
     def refit(self, st: GGMLState, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
+        st.cols = None
         if refit:
             X, wt = self._split(T, imp)
             for _ in range(self.cd_steps):
