@@ -37,6 +37,7 @@ import torch
 from formats import ggml_tensor as gt
 from formats.errors import QdllmError
 from formats.ggml_tensor import GGMLTensor
+from qdllm_export.grids.libggml import LATTICE, LibGGMLGrid
 
 SUB_RATIOS = torch.linspace(0.6, 1.3, 29).tolist()  # symmetric sub-block candidates: max|x| -> ratio * extreme level
 D_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.8, 0.75, 1.03, 1.06, 1.1)  # block scale candidates
@@ -453,21 +454,14 @@ class F16Grid:
         return GGMLTensor(shape, "F16", np.ascontiguousarray(w).view(np.uint8), name=name)
 
 
-def _lib(ggml_type: str, name: str):
-    from qdllm_export.grids.libggml import LibGGMLGrid
-
-    return lambda: LibGGMLGrid(ggml_type, name)
-
-
-LATTICE = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_s")
 
 # lowercase type name -> zero-argument Grid factory. Ours: the scalar types (``SPECS``). ggml's own
 # encoder through libggml (llama-cpp-python): the lattice types, and every scalar type as ``ggml-<name>``
 # (llama.cpp's quantizer with our importance as its imatrix: the reference ours are measured against).
 GGML_GRIDS: dict[str, Callable[[], Any]] = {
     **{name: partial(GGMLGrid, spec) for name, spec in SPECS.items()},
-    **{name: _lib(name.upper(), name) for name in LATTICE},
-    **{f"ggml-{name}": _lib(spec.ggml_type, f"ggml-{name}") for name, spec in SPECS.items()},
+    **{name: partial(LibGGMLGrid, name.upper(), name) for name in LATTICE},
+    **{f"ggml-{name}": partial(LibGGMLGrid, spec.ggml_type, f"ggml-{name}") for name, spec in SPECS.items()},
 }
 
 # llama.cpp's fallback for a row length its type's block does not divide (llama-quant.cpp,

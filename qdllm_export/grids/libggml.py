@@ -4,12 +4,14 @@
 (``ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix)``, the imatrix being one
 importance per input column); ``to_float`` is ggml's own decoder (``ggml_get_type_traits(type)->to_float``).
 
-``LibGGMLGrid`` wraps it as a driver grid with ``unit = block = 256``: ggml quantizes the whole
-super-block with our column importance as its imatrix, the driver compensates the later blocks. It is
-the grid of the lattice types (``iq2_xxs``, ``iq2_xs``, ``iq2_s``, ``iq3_s``), whose encoders are
-searches over E8-lattice codebooks, and a reference for the k-quants (``ggml-q2_k``, ...) to measure
-our own encoders against. ``refit`` re-solves the fp16 super-block scale ``d`` in closed form with
-every other field fixed (kept per row where the weighted error drops).
+``LibGGMLGrid`` wraps it as a driver grid with ``unit = block`` (256 for the k- and i-quants): ggml
+quantizes the whole block with our column importance as its imatrix, the driver compensates the later
+blocks. It is the grid of the lattice types (``iq2_xxs``, ``iq2_xs``, ``iq2_s``, ``iq3_s``), whose
+encoders are searches over E8-lattice codebooks, and a reference for the scalar types (``ggml-q2_k``,
+...) to measure our own encoders against. For the lattice types ``refit`` alternates two closed-form
+steps with the lattice points and signs fixed: the fp16 super-block scale ``d`` by weighted least
+squares, then each 4-bit sub-block scale (floor and ceil of its least-squares value); each is kept per
+row / sub-block only where the weighted error drops. The reference k-quants are left as ggml made them.
 
 NumPy and ctypes; the grid methods take and return torch tensors on any device.
 """
