@@ -70,7 +70,7 @@ def _ints(lo: int, hi: int) -> tuple[int, ...]:
 
 
 SPECS: dict[str, GGMLSpec] = {s.name: s for s in (
-    GGMLSpec("q8_0", "Q8_0", 32, 32, _ints(-128, 127), None, None, False),
+    GGMLSpec("q8_0", "Q8_0", 32, 32, _ints(-127, 127), None, None, False),  # -128 decodes, but llama.cpp never writes it
     GGMLSpec("q5_0", "Q5_0", 32, 32, _ints(-16, 15), None, None, False),
     GGMLSpec("q4_0", "Q4_0", 32, 32, _ints(-8, 7), None, None, False),
     GGMLSpec("iq4_nl", "IQ4_NL", 32, 32, gt.KVALUES_IQ4NL, None, None, False, uniform=False),
