@@ -256,9 +256,12 @@ def eval_windows(folder: Path, ev: EvalConfig) -> np.ndarray:
 
 def compare(folder: str | Path, work: str | Path, *, model: str = "", bits: tuple[int, ...] = (2, 4),
             block_sizes: tuple[int, ...] = (32, 128), algos: tuple[str, ...] = ALGOS, auto_bpw: tuple[float, ...] = (),
-            with_planes: bool = False, channel_scale: bool = False, ccfg: CalibConfig | None = None,
-            ev: EvalConfig | None = None, device: str = "cpu", log: Callable[[Row], None] | None = None) -> list[Row]:
-    """Every variant of the module docstring on the checkpoint at ``folder``; files go to ``work``."""
+            auto_block: int = 64, with_planes: bool = False, channel_scale: bool = False, ccfg: CalibConfig | None = None,
+            ev: EvalConfig | None = None, device: str = "cpu", log: Callable[[Row], None] | None = None,
+            skip: set[tuple[str, int | None]] = frozenset()) -> list[Row]:
+    """Every variant of the module docstring on the checkpoint at ``folder``; files go to ``work``. ``auto``
+    files use ``auto_block`` (int2 at block 32 alone costs 2.56 bits per weight); the per-channel-scale
+    experiment runs at the first block size. Variants whose label is in ``skip`` are left out (resuming)."""
     folder, work = Path(folder), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     ccfg, ev = ccfg or CalibConfig(), ev or EvalConfig()
@@ -281,30 +284,40 @@ def compare(folder: str | Path, work: str | Path, *, model: str = "", bits: tupl
     ids = calibration_ids(folder, ccfg) if "gptq" in algos else None
     for bs in block_sizes:
         for b in bits:
-            t0 = time.time()
-            path, bpw = ours(folder, work / f"ours-int{b}-{bs}.onnx", f"int{b}", None, bs, ccfg, device, 0)
-            row = Row(model, "ours", f"ours int{b}", b, bs, bpw)
-            row.delta_acc4 = nll_of(relevel(path, work / f"ours-int{b}-{bs}-acc4.onnx", 4), hp, windows, ev)[0] - rows[0].nll
-            add(row, path, t0)
-            if channel_scale:
+            label = f"ours int{b}"
+            if (label, bs) not in skip:
+                t0 = time.time()
+                path, bpw = ours(folder, work / f"ours-int{b}-{bs}.onnx", f"int{b}", None, bs, ccfg, device, 0)
+                row = Row(model, "ours", label, b, bs, bpw)
+                row.delta_acc4 = nll_of(relevel(path, work / f"ours-int{b}-{bs}-acc4.onnx", 4), hp, windows, ev)[0] - rows[0].nll
+                add(row, path, t0)
+            label = f"ours int{b} + per-channel scale"
+            if channel_scale and bs == block_sizes[0] and (label, bs) not in skip:
                 t0 = time.time()
                 path, bpw = scaled(folder, work / f"ours-cs-int{b}-{bs}.onnx", b, bs, ccfg, device)
-                add(Row(model, "ours + channel scale", f"ours int{b} + per-channel scale", b, bs, bpw), path, t0)
+                add(Row(model, "ours + channel scale", label, b, bs, bpw), path, t0)
             for algo in algos:
+                label = f"onnxruntime {algo} int{b}"
+                if (label, bs) in skip:
+                    continue
                 t0 = time.time()
                 path = ort_quantize(fp, work / f"ort-{algo}-int{b}-{bs}.onnx", algo, b, bs, ids)
                 if path is None:
                     continue
                 bpw, note = linear_bits_per_weight(path, hp, b, bs)
-                add(Row(model, f"onnxruntime {algo}", f"onnxruntime {algo} int{b}", b, bs, bpw, note=note), path, t0)
+                add(Row(model, f"onnxruntime {algo}", label, b, bs, bpw, note=note), path, t0)
     for budget in auto_bpw:
+        label = f"ours auto --bpw {budget:g}"
+        if (label, auto_block) in skip:
+            continue
         t0 = time.time()
-        path, bpw = ours(folder, work / f"ours-auto-{budget:g}.onnx", "auto", budget, block_sizes[0], ccfg, device, 0)
-        add(Row(model, "ours", f"ours auto --bpw {budget:g}", None, block_sizes[0], bpw), path, t0)
-    if with_planes:
+        path, bpw = ours(folder, work / f"ours-auto-{budget:g}.onnx", "auto", budget, auto_block, ccfg, device, 0)
+        add(Row(model, "ours", label, None, auto_block, bpw), path, t0)
+    label = "Quant-dLLM binary planes (2 per block)"
+    if with_planes and (label, 128) not in skip:
         t0 = time.time()
         path, bpw = planes(folder, work / "planes.onnx", ccfg, device)
-        add(Row(model, "planes", "Quant-dLLM binary planes (2 per block)", None, 128, bpw), path, t0)
+        add(Row(model, "planes", label, None, 128, bpw), path, t0)
     return rows
 
 
@@ -467,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-sizes", nargs="+", type=int, default=[32, 128])
     ap.add_argument("--algos", nargs="+", default=list(ALGOS))
     ap.add_argument("--auto-bpw", nargs="*", type=float, default=[2.5, 3.0])
+    ap.add_argument("--auto-block", type=int, default=64)
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --json and run only the missing ones")
     ap.add_argument("--no-planes", action="store_true")
     ap.add_argument("--channel-scale", action="store_true", help="also ours with a per-input-channel scale (experiment)")
     ap.add_argument("--device", default="cpu")
@@ -485,15 +500,23 @@ def main(argv: list[str] | None = None) -> None:
     ev = EvalConfig(seq_len=a.eval_seq_len, windows=a.eval_windows, mc=a.mc)
     args = {"calib_samples": a.calib_samples, "calib_seq_len": a.calib_seq_len, "eval_windows": a.eval_windows,
             "eval_seq_len": a.eval_seq_len, "mc": a.mc}
-    rows: list[Row] = []
+    old = [Row(**r) for r in json.loads(a.json.read_text())["rows"]] if a.resume and a.json.exists() else []
+    rows: list[Row] = [r for r in old if r.variant != "FP"]
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    for model in a.models:
-        rows += compare(resolve(model), a.work / model, model=model, bits=tuple(a.bits), block_sizes=tuple(a.block_sizes),
-                        algos=tuple(a.algos), auto_bpw=tuple(a.auto_bpw), with_planes=not a.no_planes,
-                        channel_scale=a.channel_scale, ccfg=ccfg, ev=ev, device=a.device,
-                        log=lambda r: print(json.dumps(r.__dict__, default=str), flush=True))
-        a.json.write_text(json.dumps({"machine": machine(), "settings": args, "rows": [r.__dict__ for r in rows]},
+
+    def log(r: Row) -> None:
+        print(json.dumps(r.__dict__, default=str), flush=True)
+        rows.append(r)
+        a.json.write_text(json.dumps({"machine": machine(), "settings": args, "rows": [x.__dict__ for x in rows]},
                                      indent=1, default=str))
+
+    for model in a.models:
+        done = {(r.label, r.block_size) for r in old if r.model == model}
+        compare(resolve(model), a.work / model, model=model, bits=tuple(a.bits), block_sizes=tuple(a.block_sizes),
+                algos=tuple(a.algos), auto_bpw=tuple(a.auto_bpw), auto_block=a.auto_block, with_planes=not a.no_planes,
+                channel_scale=a.channel_scale, ccfg=ccfg, ev=ev, device=a.device, log=log, skip=done)
+    order = {m: i for i, m in enumerate(a.models)}
+    rows.sort(key=lambda r: (order.get(r.model, 99), r.variant != "FP"))
     if not a.no_doc:
         plot(rows, DOC_PNG)
         write_section("ort-quant", markdown(rows, args))

@@ -53,6 +53,25 @@ def unpack_low_first(b: np.ndarray, bits: int, m: int) -> np.ndarray:
     return out[..., :m].astype(np.uint8)
 
 
+def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "") -> "NBitsTensor":
+    """Plain round-to-nearest onto the grid, no data: per row and block the range ``[min(w, 0), max(w, 0)]``
+    gives ``s = range / (2^bits - 1)`` (rounded to fp16) and ``z = round(-min / s)``. For writers that encode
+    float tensors themselves (and tests); the calibrated fit is ``qdllm_export.grids.nbits.NBitsGrid``."""
+    w = np.asarray(w, dtype=np.float32)
+    n_out, n_in = w.shape
+    if bits not in NBITS or block_size not in BLOCK_SIZES or n_in % block_size:
+        raise QdllmError(f"tensor {name or '<unnamed>'}: cannot quantize n_in={n_in} to {bits} bits in blocks of {block_size}")
+    maxq = 2**bits - 1
+    wb = w.reshape(n_out, n_in // block_size, block_size)
+    lo, hi = np.minimum(wb.min(-1), 0.0), np.maximum(wb.max(-1), 0.0)
+    s = np.clip((hi - lo) / maxq, 2.0**-24, 65504.0).astype(np.float16)
+    s32 = s.astype(np.float32)
+    z = np.clip(np.round(-lo / s32), 0, maxq)
+    q = np.clip(np.round(wb / s32[..., None] + z[..., None]), 0, maxq).astype(np.uint8)
+    return NBitsTensor((n_out, n_in), bits, block_size, pack_low_first(q, bits), s, pack_low_first(z.astype(np.uint8), bits),
+                       name=name, meta={"method": "rtn"})
+
+
 @dataclass(eq=False)
 class NBitsTensor:
     """One linear weight in MatMulNBits layout; see the module docstring."""
@@ -126,6 +145,12 @@ class NBitsTensor:
         if missing:
             raise QdllmError(f"MatMulNBits tensor {name or '<unnamed>'}: missing field(s) {missing}")
         return cls(shape, int(bits), int(block_size), *(np.asarray(arrays[f]) for f in FIELDS), name=name, meta=dict(meta or {}))
+
+    def rows(self, start: int, stop: int, name: str = "") -> "NBitsTensor":
+        """Rows ``start:stop`` as a tensor of their own (every field is per row)."""
+        return NBitsTensor((stop - start, self.shape[1]), self.bits, self.block_size, self.codes[start:stop].copy(),
+                           self.scales[start:stop].copy(), self.zero_points[start:stop].copy(), name or self.name,
+                           dict(self.meta))
 
     def permute_rows(self, perm: np.ndarray) -> "NBitsTensor":
         return NBitsTensor(self.shape, self.bits, self.block_size, self.codes[perm], self.scales[perm],

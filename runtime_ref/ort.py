@@ -108,10 +108,17 @@ def _probe_nbits(bits: int) -> str | None:
         sess.run(None, {"X": np.ones((1, k), np.float32)})
         return None
     except Exception as e:  # onnxruntime's Fail / NotImplemented
-        need = NBITS_MIN_ORT.get(bits)
-        want = f"onnxruntime >= {need} runs it on the CPU" if need else f"no onnxruntime release runs {bits}-bit MatMulNBits"
-        return (f"the installed onnxruntime {ort.__version__} cannot run {bits}-bit MatMulNBits ({str(e).strip()[:120]}); "
-                f"{want} (pip install -U onnxruntime)")
+        detail = str(e).strip().splitlines()[0]
+        detail = detail.split(" was false. ")[-1] if " was false. " in detail else detail[-160:]
+        return nbits_unsupported(bits, ort.__version__, detail)
+
+
+def nbits_unsupported(bits: int, installed: str, detail: str) -> str:
+    """The refusal of a ``bits``-bit MatMulNBits by onnxruntime ``installed``, naming the releases that run it."""
+    need = NBITS_MIN_ORT.get(bits)
+    want = f"onnxruntime >= {need} runs it on the CPU (pip install -U onnxruntime)" if need else \
+        f"no onnxruntime release runs {bits}-bit MatMulNBits on the CPU (it runs {', '.join(map(str, sorted(NBITS_MIN_ORT)))})"
+    return f"the installed onnxruntime {installed} cannot run {bits}-bit MatMulNBits ({detail}); {want}"
 
 
 def nbits_bits_of(info: OnnxInfo) -> list[int]:
