@@ -2,10 +2,20 @@
 
 ``write_gguf(path, source, ...)`` writes a llama.cpp-compatible file: architecture ``llada`` or
 ``dream`` with every key llama.cpp's loader reads, the tokenizer as ``tokenizer.ggml.*`` and
-llama.cpp tensor names (``llada`` Q/K rows permuted like convert_hf_to_gguf.py). With
-``outtype="quantized"`` each ``QuantizedTensor`` is stored as binary planes (ggml ``Q1_0`` tensors
-plus column scales, optional ``mu`` and the per-block plane counts, see ``formats.gguf_layout``);
-``"f16"`` / ``"f32"`` store every linear dequantized in a standard type that stock llama.cpp runs.
+llama.cpp tensor names (``llada`` Q/K rows permuted like convert_hf_to_gguf.py). Output types:
+
+* ``"planes"`` (old name ``"quantized"``): each ``QuantizedTensor`` as binary planes (ggml ``Q1_0``
+  tensors plus column scales, optional ``mu`` and the per-block plane counts, see
+  ``formats.gguf_layout``). Only qdllm's runtimes run these linears.
+* a stock type (``STOCK_TYPES``: ``"q2_k"``, ``"iq2_xs"``, ...) or ``"auto"``: every linear is a
+  ``GGMLTensor`` (``formats.ggml_tensor``) written as its raw ggml bytes with its own type; stock
+  llama.cpp runs the file. The quantizer (``qdllm_export.stock``) chose the bytes; this module only
+  stores them (``llada`` Q/K: the byte rows are reordered).
+* ``"f16"`` / ``"f32"``: every linear dequantized.
+
+``token_embd`` and ``output`` take any type: f32 / f16 here, a ggml block type through an
+``encoder`` (``TensorEncoder``; gguf-py's quantizer for the simple types by default,
+``qdllm_export.stock.GridEncoder`` for the k-quants).
 
 ``read_gguf(path)`` (in ``formats.gguf_read``) validates a file and returns a ``GGUFModel``.
 
@@ -18,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,16 +37,111 @@ from formats.gguf_layout import FORMAT_VERSION, QK1_0, encode_planes, permute_te
 from formats.gguf_read import GGUFModel, GGUFTensors, read_gguf  # noqa: F401  (public API)
 from formats.gguf_tokenizer import vocab_for_gguf
 from formats.qtensor import QuantizedTensor
+from formats.stored import kind_of
 from formats.tokenizer import special_token_ids
 from formats.tensors import TensorSource, canonical_names, canonical_shape, fetch_checked, is_linear
 
-OUTTYPES = ("quantized", "f32", "f16")
-EMBED_TYPES = ("f32", "f16", "q8_0")
+# outtype -> (ggml type of the linears, llama.cpp's LlamaFileType for general.file_type). These are the
+# weight types llama.cpp runs for llada / dream that qdllm-export quantizes into. (gguf-py 0.19 has no
+# Q2_0, so q2_0 is not offered; Q1_0 is a ggml type, but gguf-py cannot decode it as a GGMLTensor.)
+STOCK_TYPES: dict[str, tuple[str, int]] = {
+    "q2_k": ("Q2_K", 10), "q3_k": ("Q3_K", 11), "q4_k": ("Q4_K", 14), "q5_k": ("Q5_K", 16), "q6_k": ("Q6_K", 18),
+    "q8_0": ("Q8_0", 7), "iq2_xs": ("IQ2_XS", 20), "iq2_s": ("IQ2_S", 28), "iq3_s": ("IQ3_S", 26),
+}
+# LlamaFileType of every other type a stock file may hold (fallbacks, auto mixes)
+_MORE_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "IQ2_XXS": 19, "IQ3_XXS": 23,
+                    "IQ4_NL": 25, "IQ4_XS": 30, "Q1_0": 40}
+PLANES = "planes"
+OUTTYPE_ALIASES = {"quantized": PLANES}  # the binary-plane outtype's first name
+OUTTYPES = (PLANES, *STOCK_TYPES, "auto", "f16", "f32")
+EMBED_TYPES = ("f32", "f16", "q8_0")  # types of token_embd / output this module encodes without an encoder
+EMBED_CHOICES = ("f32", "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")  # what the CLI offers for them
 EMBED_ROLES = ("token_embd.weight", "output.weight")
-_FILE_TYPE = {"f32": 0, "f16": 1, "quantized": 40}  # LlamaFileType ALL_F32, MOSTLY_F16, MOSTLY_Q1_0
+DEFAULT_EMBED = ("q4_k", "q6_k")  # (token_embd, output) of planes and the 2-4 bit types: llama-quantize's
+#                                   rule for the head (Q6_K) and a 4-bit token table
+
+
+def default_embed_types(outtype: str) -> tuple[str, str]:
+    """(token_embd, output) types of an outtype: floats stay floats, q8_0 stays q8_0, q5_k / q6_k use their own
+    type for token_embd, every other outtype ``DEFAULT_EMBED``."""
+    outtype = canonical_outtype(outtype)
+    if outtype in ("f16", "f32"):
+        return outtype, outtype
+    if outtype == "q8_0":
+        return "q8_0", "q8_0"
+    if outtype in ("q5_k", "q6_k"):
+        return outtype, "q6_k"
+    return DEFAULT_EMBED
 _RESERVED_META = ("format_version", "outtype", "group_size")
 
-__all__ = ["write_gguf", "read_gguf", "GGUFModel", "GGUFTensors", "OUTTYPES", "EMBED_TYPES"]
+__all__ = ["write_gguf", "read_gguf", "GGUFModel", "GGUFTensors", "OUTTYPES", "STOCK_TYPES", "EMBED_TYPES",
+           "TensorEncoder", "GGUFPyEncoder", "canonical_outtype", "file_type_of"]
+
+
+def canonical_outtype(outtype: str) -> str:
+    """``outtype`` with old names mapped to the current ones (``quantized`` -> ``planes``)."""
+    return OUTTYPE_ALIASES.get(outtype, outtype)
+
+
+class TensorEncoder(Protocol):
+    """Encodes a float tensor (``token_embd`` / ``output``) in a ggml block type."""
+
+    def type_of(self, name: str, ggml_type: str, n_in: int) -> str:
+        """The type a tensor with rows of ``n_in`` gets when ``ggml_type`` (gguf-py's name) is asked for
+        (the asked type, or its fallback when the type's block does not divide ``n_in``)."""
+        ...
+
+    def encode(self, name: str, w: np.ndarray, ggml_type: str) -> Any:
+        """``w`` float32 ``[rows, n_in]`` as a ``GGMLTensor`` of type ``type_of(name, ggml_type, n_in)``."""
+        ...
+
+
+class GGUFPyEncoder:
+    """gguf-py's own quantizers: the simple types only (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)."""
+
+    TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+    def type_of(self, name: str, ggml_type: str, n_in: int) -> str:
+        if ggml_type not in self.TYPES:
+            raise QdllmError(f"tensor {name}: type {ggml_type.lower()} needs qdllm-export's encoder "
+                             f"(qdllm_export.stock.GridEncoder); formats encodes {', '.join(EMBED_TYPES)} itself")
+        if n_in % 32:
+            raise QdllmError(f"tensor {name} has {n_in} columns, not a multiple of 32 as {ggml_type} needs; use f16")
+        return ggml_type
+
+    def encode(self, name: str, w: np.ndarray, ggml_type: str) -> Any:
+        from formats.ggml_tensor import GGMLTensor
+
+        g = _gguf()
+        data = g.quants.quantize(np.asarray(w, np.float32), g.GGMLQuantizationType[ggml_type])
+        return GGMLTensor(w.shape, ggml_type, np.ascontiguousarray(data), name=name)
+
+
+def file_type_of(outtype: str, linear_types: dict[str, tuple[str, int]]) -> int:
+    """llama.cpp's ``general.file_type`` (LlamaFileType) of a file whose block linears have ``linear_types``
+    (name -> (ggml type or "planes", weights)). A stock outtype names its own type; ``auto`` takes the type
+    whose bits per weight are nearest the linears' mean; planes files are ``MOSTLY_Q1_0``."""
+    if outtype in ("f32", "f16"):
+        return {"f32": 0, "f16": 1}[outtype]
+    if outtype in STOCK_TYPES:
+        return STOCK_TYPES[outtype][1]
+    types = {t for t, _ in linear_types.values()}
+    if PLANES in types:
+        return 40
+    if not types:
+        return 1
+    bpw = {t: _type_bits(t) for t in types}
+    n = sum(w for _, w in linear_types.values())
+    mean = sum(bpw[t] * w for t, w in linear_types.values()) / n
+    main = min(types, key=lambda t: (abs(bpw[t] - mean), t))
+    by_type = {t: ft for t, ft in STOCK_TYPES.values()}
+    return by_type.get(main, _MORE_FILE_TYPES.get(main, 1024))
+
+
+def _type_bits(ggml_type: str) -> float:
+    g = _gguf()
+    block, size = g.GGML_QUANT_SIZES[g.GGMLQuantizationType[ggml_type]]
+    return 8.0 * size / block
 
 
 def _gguf():
@@ -45,30 +150,17 @@ def _gguf():
     return gguf
 
 
-def _float_type(name: str, outtype: str, embed_type: str) -> str:
-    """ggml type ('F32' | 'F16' | 'Q8_0') of a tensor stored as one float tensor."""
-    if name.endswith("norm.weight") or name.endswith(".bias"):
-        return "F32"
-    if name in EMBED_ROLES:
-        return embed_type.upper()
-    return "F32" if outtype == "f32" else "F16"
-
-
 def _encode_float(name: str, arr: np.ndarray, ggml_type: str, where: str) -> np.ndarray:
+    """A float tensor in F32 / F16 storage layout."""
     arr = np.asarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise QdllmError(f"{where}: tensor {name} holds NaN or inf")
     if ggml_type == "F32":
         return np.ascontiguousarray(arr)
-    if ggml_type == "F16":
-        out = arr.astype(np.float16)
-        if not np.isfinite(out).all():
-            raise QdllmError(f"{where}: tensor {name} overflows float16 (|w| > 65504); write it as f32")
-        return out
-    if arr.shape[-1] % 32:
-        raise QdllmError(f"{where}: tensor {name} has {arr.shape[-1]} columns, not a multiple of 32 as Q8_0 needs")
-    g = _gguf()
-    return g.quants.quantize(arr, g.GGMLQuantizationType.Q8_0)
+    out = arr.astype(np.float16)
+    if not np.isfinite(out).all():
+        raise QdllmError(f"{where}: tensor {name} overflows float16 (|w| > 65504); write it as f32")
+    return out
 
 
 class _Plan:
@@ -91,13 +183,17 @@ _NP_TYPE = {"F32": np.float32, "F16": np.float16, "I8": np.int8}
 
 
 class _Writer:
-    def __init__(self, path: Path, source: TensorSource, outtype: str, embed_type: str):
-        self.path, self.source, self.outtype, self.embed_type = path, source, outtype, embed_type
+    """Plans and encodes the output tensors of one file (see ``write_gguf``)."""
+
+    def __init__(self, path: Path, source: TensorSource, outtype: str, embed_types: dict[str, str],
+                 encoder: TensorEncoder):
+        self.path, self.source, self.outtype = path, source, outtype
+        self.embed_types, self.encoder = embed_types, encoder
         self.hp = source.hparams
         self.group_size: int | None = None
 
-    def _fetch(self, name: str) -> np.ndarray | QuantizedTensor:
-        value = fetch_checked(self.source, name, self.path)
+    def _fetch(self, name: str) -> Any:
+        value = fetch_checked(self.source, name, self.path, stored_ok=EMBED_ROLES)
         if isinstance(value, QuantizedTensor):
             if self.group_size is None:
                 self.group_size = value.group_size
@@ -106,11 +202,32 @@ class _Writer:
                                  "one file holds one group size")
         return value
 
+    def _float_type(self, name: str) -> str:
+        """gguf-py type name of a tensor the source holds as floats."""
+        if name.endswith("norm.weight") or name.endswith(".bias"):
+            return "F32"
+        if name in self.embed_types:
+            t = self.embed_types[name].upper()
+            return t if t in ("F32", "F16") else self.encoder.type_of(name, t, canonical_shape(self.hp, name)[1])
+        return "F32" if self.outtype == "f32" else "F16"
+
+    def _stored_ok(self, name: str, value: Any) -> None:
+        """Refuse a stored kind this outtype cannot hold, naming the outtype that can."""
+        kind = kind_of(value)
+        if kind == "planes" and self.outtype != PLANES:
+            raise QdllmError(f"{self.path}: tensor {name} holds binary planes, which stock llama.cpp cannot run; write "
+                             f"--outtype {PLANES} (qdllm runtimes), or quantize the float checkpoint with --outtype "
+                             f"{self.outtype} (or f16)")
+        if kind == "nbits":
+            raise QdllmError(f"{self.path}: tensor {name} holds onnxruntime MatMulNBits codes, which GGUF cannot store; "
+                             "write --outtype f16 / f32, or quantize the float checkpoint for GGUF")
+
     def plan(self, name: str) -> list[_Plan]:
         """The output tensors of ``name`` (reads the source only for quantized linears)."""
         shape = canonical_shape(self.hp, name)
-        if self.outtype == "quantized" and is_linear(self.hp, name):
+        if self.outtype not in ("f16", "f32") and is_linear(self.hp, name):
             value = self._fetch(name)
+            self._stored_ok(name, value)
             if isinstance(value, QuantizedTensor):
                 if value.group_size % QK1_0:
                     raise QdllmError(f"{self.path}: tensor {name} has group size {value.group_size}, not a multiple of "
@@ -118,16 +235,28 @@ class _Writer:
                                      "or write outtype f16 / f32")
                 parts = plane_shapes(*value.shape, value.group_size, value.planes, value.mu is not None)
                 return [_Plan(name + sfx, t, s) for sfx, (t, s) in parts.items()]
-        return [_Plan(name, _float_type(name, self.outtype, self.embed_type), shape)]
+            if kind_of(value) == "ggml":
+                return [_Plan(name, value.ggml_type, shape)]
+        return [_Plan(name, self._float_type(name), shape)]
 
-    def encode(self, name: str) -> list[tuple[str, np.ndarray]]:
+    def encode(self, name: str, plan: _Plan) -> list[tuple[str, np.ndarray]]:
         """(tensor name, array in storage layout) for every output tensor of ``name``."""
         value = permute_tensor(self._fetch(name), row_permutation(self.hp, name))
-        if isinstance(value, QuantizedTensor):
-            if self.outtype == "quantized":
-                return [(name + sfx, arr) for sfx, arr in encode_planes(value)]
+        if isinstance(value, QuantizedTensor) and self.outtype == PLANES:
+            return [(name + sfx, arr) for sfx, arr in encode_planes(value)]
+        kind = kind_of(value)
+        if kind == "ggml" and plan.ggml_type == value.ggml_type:
+            return [(name, np.ascontiguousarray(value.data))]
+        if kind is not None:
             value = value.dequantize()
-        return [(name, _encode_float(name, value, _float_type(name, self.outtype, self.embed_type), str(self.path)))]
+        if plan.ggml_type in ("F32", "F16"):
+            return [(name, _encode_float(name, value, plan.ggml_type, str(self.path)))]
+        if not np.isfinite(value).all():
+            raise QdllmError(f"{self.path}: tensor {name} holds NaN or inf")
+        enc = self.encoder.encode(name, np.asarray(value, np.float32), plan.ggml_type)
+        if enc.ggml_type != plan.ggml_type:
+            raise QdllmError(f"{self.path}: the encoder gave tensor {name} type {enc.ggml_type}, planned {plan.ggml_type}")
+        return [(name, np.ascontiguousarray(enc.data))]
 
 
 def _add_meta(w: Any, key: str, value: Any) -> None:
@@ -149,38 +278,47 @@ def write_gguf(
     *,
     tokenizer: Any = None,
     special_ids: dict[str, int] | None = None,
-    outtype: str = "quantized",
+    outtype: str = PLANES,
     qdllm_meta: dict[str, Any] | None = None,
     embed_type: str | None = None,
+    head_type: str | None = None,
+    encoder: TensorEncoder | None = None,
     tokenizer_pre: str | None = None,
     name: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``source`` (canonical names, checkpoint row order) to the GGUF file ``path``.
 
-    ``outtype``: "quantized" (QuantizedTensor linears as Q1_0 planes, float linears F16), "f16" or
-    "f32" (every linear dequantized; stock llama.cpp runs these). ``embed_type`` ("f32" | "f16" |
-    "q8_0") is the type of ``token_embd`` and ``output`` (default f32 for outtype f32, else f16).
-    ``special_ids`` may give "bos" / "eos" / "pad" / "mask" (defaults: the source's ``config`` and
-    ``hparams``). ``tokenizer`` is a byte-level BPE ``tokenizers.Tokenizer`` (None: no vocabulary;
-    llama.cpp then loads dummy tokens). The file is written to a temporary name and renamed at the end.
+    ``outtype`` (``OUTTYPES``, module doc): "planes" (QuantizedTensor linears as Q1_0 planes, ggml ones as
+    they are, float linears F16), a stock type or "auto" (every linear a ``GGMLTensor``, written as its bytes),
+    "f16" / "f32" (every linear dequantized). ``embed_type`` / ``head_type``: the type of ``token_embd`` /
+    ``output``: "f32", "f16" or a ggml type name ("q8_0", "q6_k", ...; those other than
+    ``EMBED_TYPES`` need an ``encoder``); defaults f32 for outtype f32, else f16; ``head_type`` defaults to
+    ``embed_type``. ``special_ids`` may give "bos" / "eos" / "pad" / "mask" (defaults: the source's
+    ``config`` and ``hparams``). ``tokenizer`` is a byte-level BPE ``tokenizers.Tokenizer`` (None: no
+    vocabulary; llama.cpp then loads dummy tokens). The file is written to a temporary name and renamed at
+    the end.
     """
     path = Path(path)
+    outtype = canonical_outtype(outtype)
     if outtype not in OUTTYPES:
         raise QdllmError(f"{path}: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     embed_type = embed_type or ("f32" if outtype == "f32" else "f16")
-    if embed_type not in EMBED_TYPES:
-        raise QdllmError(f"{path}: embed_type {embed_type!r} is not one of {', '.join(EMBED_TYPES)}")
+    embed_types = {"token_embd.weight": embed_type, "output.weight": head_type or embed_type}
+    encoder = encoder or GGUFPyEncoder()
     check_output_path(path, overwrite)
     hp = source.hparams
     spec = hp.spec
     meta = dict(qdllm_meta or {})
-    writer = _Writer(path, source, outtype, embed_type)
+    writer = _Writer(path, source, outtype, embed_types, encoder)
     names = canonical_names(hp)
-    plans = [p for n in names for p in writer.plan(n)]
+    planned = {n: writer.plan(n) for n in names}
+    plans = [p for n in names for p in planned[n]]
     if "group_size" in meta and writer.group_size is not None and int(meta["group_size"]) != writer.group_size:
         raise QdllmError(f"{path}: qdllm_meta group_size {meta['group_size']} differs from the tensors' {writer.group_size}")
     group_size = writer.group_size if writer.group_size is not None else meta.get("group_size")
+    linear_types = {n: (PLANES if len(ps) > 1 or ps[0].name != n else ps[0].ggml_type, int(np.prod(canonical_shape(hp, n))))
+                    for n, ps in planned.items() if is_linear(hp, n)}
     ids = special_token_ids(source, special_ids)
     vocab = None
     if tokenizer is not None:
@@ -194,7 +332,7 @@ def write_gguf(
     w = g.GGUFWriter(str(tmp), spec.name)
     try:
         w.add_name(name or f"{spec.name}-qdllm")
-        w.add_file_type(_FILE_TYPE["f16" if outtype == "quantized" and writer.group_size is None else outtype])
+        w.add_file_type(file_type_of(outtype, linear_types))
         w.add_quantization_version(g.GGML_QUANT_VERSION)
         w.add_context_length(hp.context_length)
         w.add_embedding_length(hp.d_model)
@@ -243,7 +381,7 @@ def write_gguf(
         w.write_ti_data_to_file()
         it = iter(plans)
         for n in names:
-            for tname, arr in writer.encode(n):
+            for tname, arr in writer.encode(n, planned[n][0]):
                 p = next(it, None)
                 if p is None or p.name != tname or arr.nbytes != p.nbytes:
                     raise QdllmError(f"{path}: tensor {tname} changed between the two reads of the source "

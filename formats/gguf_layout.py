@@ -79,7 +79,7 @@ def row_permutation(hp, name: str) -> np.ndarray | None:
 def permute_tensor(t, perm: np.ndarray | None):
     if perm is None:
         return t
-    if isinstance(t, QuantizedTensor):
+    if hasattr(t, "permute_rows"):  # any stored kind (formats.stored): planes, ggml rows of blocks, ...
         return t.permute_rows(perm)
     return np.ascontiguousarray(np.asarray(t)[perm])
 

@@ -56,9 +56,10 @@ def is_linear(hp: HParams, name: str) -> bool:
     return name.startswith("blk.") and name.split(".", 2)[2] in hp.spec.linear_roles()
 
 
-def fetch_checked(source: TensorSource, name: str, where: str | Path) -> Tensor:
+def fetch_checked(source: TensorSource, name: str, where: str | Path, stored_ok: tuple[str, ...] = ()) -> Tensor:
     """``source.get(name)``, checked against the family table: present, the right shape, and quantized
-    only if it is a block linear. Writers call it so every format refuses a bad model the same way."""
+    only if it is a block linear (or one of ``stored_ok``, e.g. the embeddings of a stock GGUF). Writers
+    call it so every format refuses a bad model the same way."""
     hp = source.hparams
     try:
         value = source.get(name)
@@ -68,7 +69,7 @@ def fetch_checked(source: TensorSource, name: str, where: str | Path) -> Tensor:
     got = value.shape if is_stored(value) else np.shape(value)
     if tuple(got) != tuple(want):
         raise QdllmError(f"{where}: tensor {name} has shape {tuple(got)}, but the hparams imply {want}")
-    if is_stored(value) and not is_linear(hp, name):
+    if is_stored(value) and not is_linear(hp, name) and name not in stored_ok:
         raise QdllmError(f"{where}: tensor {name} is quantized, but only block linears may be")
     return value
 
@@ -146,10 +147,13 @@ class OverlaySource:
     every other tensor from the checkpoint.
     """
 
-    def __init__(self, base: TensorSource, planes: TensorSource):
+    def __init__(self, base: TensorSource, planes: TensorSource, names: list[str] | None = None):
         self.hparams = base.hparams
         self.base, self.planes = base, planes
-        self.quantized = {n for n in planes.names() if is_linear(planes.hparams, n) and is_stored(planes.get(n))}
+        if names is not None:  # the tensors the file stores quantized (e.g. a stock GGUF's, decoded to floats)
+            self.quantized = set(names)
+        else:
+            self.quantized = {n for n in planes.names() if is_linear(planes.hparams, n) and is_stored(planes.get(n))}
 
     def names(self) -> list[str]:
         return self.base.names()

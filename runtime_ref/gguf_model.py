@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from formats.gguf_read import GGUFModel, read_gguf
-from formats.tensors import canonical_names, canonical_shape
+from formats.tensors import canonical_names, canonical_shape, is_linear
 from runtime_ref.forward import forward, forward_aligned
 
 
@@ -77,6 +77,10 @@ class GGUFBackend:
         """The file's tensors in checkpoint row order (llama.cpp's Q/K permutation undone)."""
         return self.model.checkpoint_tensors()
 
+    def quantized_names(self) -> list[str]:
+        """Canonical names of the tensors the file stores quantized (binary planes or a ggml block type)."""
+        return [n for n, t in self.model.tensor_types().items() if t not in ("F32", "F16", "BF16")]
+
     def logits(self, ids: np.ndarray, attn_mask: np.ndarray | None = None) -> np.ndarray:
         """Aligned float32 logits ``[B, T, V]`` (Dream's shift applied)."""
         return forward_aligned(self._run, np.asarray(ids), attn_mask=attn_mask)
@@ -94,7 +98,7 @@ class GGUFBackend:
         n_params = sum(int(np.prod(canonical_shape(hp, n))) for n in canonical_names(hp))
         types: dict[str, str] = {}
         rows: list[dict[str, Any]] = []
-        q_bytes = q_weights = 0
+        q_bytes = q_weights = n_stock = 0
         plane_counts: list[np.ndarray] = []
         for name, kind in m.layout.items():
             shape = canonical_shape(hp, name)
@@ -102,6 +106,10 @@ class GGUFBackend:
             if kind == "float":
                 types[name] = infos[name].ggml_type
                 nbytes = infos[name].nbytes
+                if is_linear(hp, name) and types[name] not in ("F32", "F16", "BF16"):  # a stock ggml type
+                    q_bytes += nbytes
+                    q_weights += n
+                    n_stock += 1
             else:
                 nbytes = sum(t.nbytes for t in infos.values() if t.name.startswith(name + ".qdllm."))
                 planes = np.asarray(m.raw(name + ".qdllm.nplanes"), dtype=np.int64)
@@ -123,12 +131,13 @@ class GGUFBackend:
             "qk_permuted": m.permuted,
             "rope": self.tensors.rope,
             "outtype": m.qdllm_meta.get("outtype", "llama.cpp"),
+            "llama_cpp_runs": not plane_counts,  # stock llama.cpp loads every tensor of the file
             "group_size": m.qdllm_meta.get("group_size"),
             "qdllm": dict(m.qdllm_meta),
             "n_params": n_params,
             "n_tensors_file": len(infos),
             "tensors": rows,
-            "n_quantized_linears": len(plane_counts),
+            "n_quantized_linears": len(plane_counts) + n_stock,
             "mean_planes": float(all_planes.mean()) if all_planes.size else None,
             "bits_per_weight_linear": bpw_q,  # the quantized linears' tensors in this file
             "bits_per_weight": 8.0 * size / n_params,  # the whole file

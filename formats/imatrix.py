@@ -1,0 +1,144 @@
+"""llama.cpp's importance-matrix file, GGUF form (what ``llama-imatrix -o X.imatrix.gguf`` writes and
+``llama-quantize --imatrix`` reads; llama.cpp tools/imatrix/imatrix.cpp, common/imatrix-loader.cpp).
+
+=========================  ========  ==============  ===============================================
+entry                      type      ne              content
+=========================  ========  ==============  ===============================================
+``general.type``           string                    ``"imatrix"``
+``imatrix.datasets``       string[]                  the calibration text(s)
+``imatrix.chunk_count``    u32                       chunks (windows) of ``chunk_size`` tokens seen
+``imatrix.chunk_size``     u32                       tokens per chunk
+``<weight>.in_sum2``       F32       ``{n_in, n_mat}``  sum over rows of ``x_j^2``, per input column ``j``
+``<weight>.counts``        F32       ``{1, n_mat}``     rows (tokens) summed
+=========================  ========  ==============  ===============================================
+
+``<weight>`` is a llama.cpp tensor name (``blk.0.attn_q.weight``, ``output.weight``); ``n_mat`` is 1 for a
+dense weight. llama-quantize uses ``in_sum2 / counts`` as the importance of each input column; it refuses
+a file without the three metadata keys. No ``general.architecture`` (llama-imatrix writes none). Our
+files add ``qdllm.format_version`` (so ``--force`` knows the file is ours) and ``qdllm.*`` notes (model,
+MCS on or off), which llama.cpp ignores.
+
+NumPy and gguf-py only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from formats.errors import FormatError, QdllmError, check_output_path
+from formats.gguf_container import parse_gguf, raw_array
+
+SUM2, COUNTS = ".in_sum2", ".counts"
+
+
+@dataclass
+class Imatrix:
+    """``in_sum2[name]`` float32 ``[n_mat, n_in]`` and ``counts[name]`` float32 ``[n_mat]`` per weight."""
+
+    in_sum2: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def importance(self, name: str) -> np.ndarray:
+        """float32 ``[n_in]``: mean ``x_j^2`` per input column (``in_sum2 / counts``, as llama-quantize
+        computes it; 1 where nothing was counted)."""
+        s, c = self.in_sum2[name][0], float(self.counts[name][0])
+        return (s / c).astype(np.float32) if c > 0 else np.ones_like(s, dtype=np.float32)
+
+    def widths(self) -> dict[str, int]:
+        return {n: int(a.shape[-1]) for n, a in self.in_sum2.items()}
+
+
+def write_imatrix(path: str | Path, im: Imatrix, overwrite: bool = False, notes: dict[str, str] | None = None) -> Path:
+    """Write ``im`` in llama.cpp's GGUF imatrix format (temporary file, renamed at the end); ``notes``
+    become ``qdllm.<key>`` strings."""
+    import gguf
+
+    path = Path(path)
+    check_output_path(path, overwrite)
+    for name, s in im.in_sum2.items():
+        c = im.counts.get(name)
+        if s.ndim != 2 or c is None or c.shape != (s.shape[0],):
+            raise QdllmError(f"{path}: imatrix entry {name}: in_sum2 {s.shape} / counts "
+                             f"{None if c is None else c.shape} are not [n_mat, n_in] / [n_mat]")
+        if not (np.isfinite(s).all() and np.isfinite(c).all()):
+            raise QdllmError(f"{path}: imatrix entry {name} holds NaN or inf")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(str(tmp), "imatrix")
+    w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
+    try:
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", [str(d) for d in im.datasets] or ["unknown"])
+        w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
+        w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
+        w.add_uint32("qdllm.format_version", 1)
+        for key, val in (notes or {}).items():
+            w.add_string(f"qdllm.{key}", str(val))
+        for name in im.in_sum2:
+            w.add_tensor(name + SUM2, np.ascontiguousarray(im.in_sum2[name], dtype=np.float32))
+            w.add_tensor(name + COUNTS, np.ascontiguousarray(im.counts[name], dtype=np.float32).reshape(-1, 1))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_imatrix(path: str | Path) -> Imatrix:
+    """Read a GGUF imatrix file (ours or llama-imatrix's); ``FormatError`` naming the file otherwise."""
+    path = Path(path)
+    _, meta, infos, mm = parse_gguf(path)
+    if meta.get("general.type") != "imatrix":
+        raise FormatError(f"{path}: not an imatrix file (general.type is {meta.get('general.type')!r}, expected "
+                          "'imatrix'); make one with `qdllm-export imatrix MODEL OUT.imatrix.gguf`")
+    for key in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"):
+        if key not in meta:
+            raise FormatError(f"{path}: imatrix metadata key {key!r} is missing (llama-quantize refuses such a file)")
+    im = Imatrix(datasets=[str(d) for d in meta["imatrix.datasets"]], chunk_count=int(meta["imatrix.chunk_count"]),
+                 chunk_size=int(meta["imatrix.chunk_size"]))
+    for tname, info in infos.items():
+        if not tname.endswith(SUM2):
+            continue
+        name = tname[: -len(SUM2)]
+        cinfo = infos.get(name + COUNTS)
+        if cinfo is None or info.ggml_type != "F32" or cinfo.ggml_type != "F32":
+            raise FormatError(f"{path}: imatrix entry {name} lacks F32 {COUNTS} beside its F32 {SUM2}")
+        s = np.array(raw_array(mm, info), dtype=np.float32).reshape(-1, info.ne[0])
+        c = np.array(raw_array(mm, cinfo), dtype=np.float32).reshape(-1)
+        if c.shape[0] != s.shape[0]:
+            raise FormatError(f"{path}: imatrix entry {name}: {s.shape[0]} matrices but {c.shape[0]} counts")
+        im.in_sum2[name], im.counts[name] = s, c
+    if not im.in_sum2:
+        raise FormatError(f"{path}: the imatrix holds no {SUM2} tensors")
+    return im
+
+
+def check_imatrix(im: Imatrix, widths: dict[str, int], where: str, model: str, optional: tuple[str, ...] = ()) -> None:
+    """Refuse an imatrix made for another model: ``widths`` (llama.cpp name -> n_in) are the weights the
+    model has (``optional`` ones may be absent from the imatrix). Names the first tensor missing, of
+    another width, or unknown."""
+    have = im.widths()
+    for name, n_in in widths.items():
+        if name not in have and name in optional:
+            continue
+        if name not in have:
+            raise QdllmError(f"{where}: has no entry for {name} of {model} (its entries start with "
+                             f"{next(iter(have))}); it was made for another model: run `qdllm-export imatrix` on {model}")
+        if have[name] != n_in:
+            raise QdllmError(f"{where}: entry {name} has {have[name]} columns but {model}'s tensor has {n_in}; "
+                             f"it was made for another model: run `qdllm-export imatrix` on {model}")
+    extra = [n for n in have if n not in widths]
+    if extra:
+        raise QdllmError(f"{where}: entry {extra[0]} is not a weight of {model}; it was made for another model: "
+                         f"run `qdllm-export imatrix` on {model}")
