@@ -122,11 +122,25 @@ def model_kind(path: Path) -> str:
     raise QdllmError(f"{path}: unknown file type; expected a .gguf or .onnx file or a checkpoint folder")
 
 
-def open_model(model: str, dtype: str = "float32", device: str = "cpu") -> Backend:
-    """Any MODEL argument as a Backend."""
+RUNTIMES = ("numpy", "llama.cpp")  # engines of a .gguf file: qdllm's NumPy reference forward, stock llama.cpp
+
+
+def check_runtime(runtime: str | None, kind: str, model: str) -> None:
+    """``--runtime`` is for .gguf files only."""
+    if runtime not in (None, "numpy") and kind != "gguf":
+        raise QdllmError(f"--runtime {runtime}: runs .gguf files only; {model} is a {'checkpoint folder' if kind == 'folder' else '.' + kind + ' file'}")
+
+
+def open_model(model: str, dtype: str = "float32", device: str = "cpu", runtime: str | None = None) -> Backend:
+    """Any MODEL argument as a Backend; ``runtime`` ("numpy" | "llama.cpp") picks the engine of a .gguf file."""
     p = resolve(model)
     kind = model_kind(p)
+    check_runtime(runtime, kind, model)
     if kind == "gguf":
+        if runtime == "llama.cpp":
+            from runtime_ref.llamacpp import LlamaCppBackend
+
+            return LlamaCppBackend(p)
         from runtime_ref.gguf_model import GGUFBackend
 
         return GGUFBackend(p)
@@ -147,18 +161,28 @@ class ModelHeader:
     hparams: HParams
     tokenizer: Any  # tokenizers.Tokenizer or None
     opened: Any = None  # the Backend itself when opening it costs nothing (a memory-mapped GGUF)
+    runtime: str | None = None  # engine of a .gguf file (RUNTIMES); None: numpy
 
     def open(self, dtype: str = "float32", device: str = "cpu") -> Backend:
-        """The model as a Backend (this is where PyTorch or onnxruntime load the weights)."""
-        return self.opened if self.opened is not None else open_model(self.model, dtype, device)
+        """The model as a Backend (this is where PyTorch, onnxruntime or llama.cpp load the weights)."""
+        return self.opened if self.opened is not None else open_model(self.model, dtype, device, self.runtime)
 
 
-def read_header(model: str) -> ModelHeader:
-    """The family, hyper-parameters and tokenizer of any MODEL argument, no weights loaded."""
+def read_header(model: str, runtime: str | None = None) -> ModelHeader:
+    """The family, hyper-parameters and tokenizer of any MODEL argument, no weights loaded. With
+    ``runtime="llama.cpp"`` a .gguf file is checked to be one llama.cpp runs, and llama-cpp-python to be
+    installed, before anything loads."""
     p = resolve(model)
     kind = model_kind(p)
+    check_runtime(runtime, kind, model)
     if kind == "gguf":
         be = open_model(model)  # memory-mapped; nothing is decoded until the first forward
+        if runtime == "llama.cpp":
+            from runtime_ref.llamacpp import check_runs_in_llama_cpp, load_llama_cpp
+
+            check_runs_in_llama_cpp(be.model)
+            load_llama_cpp()
+            return ModelHeader(model, kind, be.source, be.hparams, be.tokenizer, runtime=runtime)
         return ModelHeader(model, kind, be.source, be.hparams, be.tokenizer, opened=be)
     if kind == "onnx":
         from formats.onnx import read_onnx_info

@@ -125,7 +125,8 @@ def reference_for(ref: Backend, other: Backend) -> tuple[Backend, str]:
     planes = getattr(other, "checkpoint_tensors", None)
     if not isinstance(ref, TorchBackend) or not isinstance(ref.source_tensors, HFTensors) or planes is None:
         return ref, ref.source
-    overlay = OverlaySource(ref.source_tensors, planes())
+    names = getattr(other, "quantized_names", None)
+    overlay = OverlaySource(ref.source_tensors, planes(), None if names is None else names())
     if not overlay.quantized:
         return ref, ref.source
     return TorchBackend(overlay, ref.folder, device=ref.device), f"{ref.source} + quantized planes of {other.source}"

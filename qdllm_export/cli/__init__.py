@@ -20,7 +20,7 @@ from typing import Any, Sequence  # noqa: E402
 
 from formats.errors import QdllmError  # noqa: E402
 from qdllm_export.cli.app import app, console_err  # noqa: E402
-from qdllm_export.cli import quantize, gguf, onnx, verify, generate, evaluate, inspect  # noqa: E402,F401  (register verbs)
+from qdllm_export.cli import quantize, imatrix, gguf, onnx, verify, generate, evaluate, inspect  # noqa: E402,F401  (register verbs)
 
 
 class Interrupted(BaseException):

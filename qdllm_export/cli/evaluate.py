@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from formats.errors import QdllmError
+from qdllm_export.backends import RUNTIMES
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, console, progress
 from qdllm_export.textfile import read_text
@@ -41,13 +42,14 @@ def evaluate(
     seed: int = typer.Option(0, min=0, help="Mask seed; the same seed gives the same masks for every model."),
     dtype: Optional[str] = typer.Option(None, callback=checks.one_of(*checks.TORCH_DTYPES), help="PyTorch compute dtype for checkpoint folders: float32 (default) | bfloat16 | float16."),
     device: Optional[str] = typer.Option(None, callback=checks.device_option, help="PyTorch device for checkpoint folders: cpu (default) | cuda."),
+    runtime: Optional[str] = typer.Option(None, callback=checks.one_of(*RUNTIMES), help="Engine of a .gguf file: numpy (default, qdllm's reference forward) | llama.cpp (stock llama.cpp through llama-cpp-python)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object with nll (nats per token)."),
 ) -> None:
     """Masked-diffusion NLL upper bound per token (nats), on identical seeded masks for every model."""
     from qdllm_export.backends import read_header
     from runtime_ref.likelihood import masked_nll
 
-    head = read_header(model)
+    head = read_header(model, runtime)
     hp = head.hparams
     checks.torch_only(head.kind, head.model, {"--dtype": dtype, "--device": device})
     checks.fits_context(hp, head.model, "--seq-len", seq_len, most=hp.context_length)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from qdllm_export.backends import RUNTIMES
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, console, progress
 from qdllm_export.cli.common import decode, prompt_ids
@@ -32,6 +33,7 @@ def generate(
     seed: int = typer.Option(0, min=0, help="Random seed (stochastic samplers)."),
     dtype: Optional[str] = typer.Option(None, callback=checks.one_of(*checks.TORCH_DTYPES), help="PyTorch compute dtype for checkpoint folders: float32 (default) | bfloat16 | float16."),
     device: Optional[str] = typer.Option(None, callback=checks.device_option, help="PyTorch device for checkpoint folders: cpu (default) | cuda."),
+    runtime: Optional[str] = typer.Option(None, callback=checks.one_of(*RUNTIMES), help="Engine of a .gguf file: numpy (default, qdllm's reference forward) | llama.cpp (stock llama.cpp through llama-cpp-python)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object with tokens and text."),
 ) -> None:
     """Generate text with the family's diffusion sampler (LLaDA low-confidence remasking / Dream)."""
@@ -39,7 +41,7 @@ def generate(
     from runtime_ref.sampler import sample
 
     checks.not_both("--prompt", prompt, "--prompt-ids", prompt_ids_)
-    head = read_header(model)
+    head = read_header(model, runtime)
     hp = head.hparams
     checks.torch_only(head.kind, head.model, {"--dtype": dtype, "--device": device})
     checks.family_options(hp, head.model, {"--block-length": block_length, "--remasking": remasking,

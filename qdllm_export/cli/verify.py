@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from qdllm_export.backends import RUNTIMES
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, console, progress
 from qdllm_export.verify import FileReport
@@ -33,6 +34,7 @@ def verify(
     min_agree: float = typer.Option(0.99, min=0.0, max=1.0, help="Smallest allowed fraction of positions with the same argmax."),
     seed: int = typer.Option(0, min=0, help="Seed of the test inputs and stochastic samplers."),
     device: Optional[str] = typer.Option(None, callback=checks.device_option, help="PyTorch device of a checkpoint-folder REF: cpu (default) | cuda."),
+    runtime: Optional[str] = typer.Option(None, callback=checks.one_of(*RUNTIMES), help="Engine of each .gguf FILE: numpy (default, exact parity expected) | llama.cpp (stock llama.cpp; its 8-bit activation rounding gets looser, documented tolerances)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Compare logits (max abs / relative error, argmax agreement) and greedy generations of each FILE with REF.
@@ -47,7 +49,8 @@ def verify(
     checks.fits_context(head.hparams, head.model, "--gen-length", PROMPT_LEN + gen_length,
                         f"the test prompt ({PROMPT_LEN} tokens) + {gen_length} new tokens",
                         most=head.hparams.context_length - PROMPT_LEN)
-    heads = [read_header(f) for f in files]  # every file is read (and checked) before any model loads
+    ggufs = [f for f in files if f.lower().endswith(".gguf")] or files[:1]  # --runtime: the .gguf FILES (refused if none)
+    heads = [read_header(f, runtime if f in ggufs else None) for f in files]  # all read and checked before any load
     check_comparable(head, heads)
     reference = head.open("float32", device or "cpu")
     backends = [h.open() for h in heads]

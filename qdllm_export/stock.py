@@ -1,0 +1,238 @@
+"""Stock llama.cpp GGUF: a checkpoint quantized into ggml's own weight types (``gguf --outtype q2_k`` ...).
+
+The same calibration as Quant-dLLM (MCS windows, true-sequential inside each block, ``qdllm_export.pipeline``)
+drives the grid driver (``qdllm_export.grids``: importance-weighted block fits, GPTQ/OBS compensation between
+ggml blocks) onto one ggml type per linear:
+
+* a fixed type (``STOCK_TYPES``), with llama.cpp's fallback for a row length the type's block does not
+  divide (``grids.ggml.fallback_type``);
+* ``auto``: per-tensor types under a bits-per-weight budget from measured MCS sensitivity
+  (``qdllm_export.mix``), chosen among ``AUTO_CANDIDATES``;
+* ``imatrix``: a llama.cpp imatrix file as the (diagonal) importance instead of calibrating.
+
+``token_embd`` and ``output`` are encoded at write time by ``GridEncoder`` (llama.cpp-like defaults:
+``formats.gguf.default_embed_types``). The result is a quantized checkpoint of ``GGMLTensor`` linears; ``formats.gguf``
+writes their bytes unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from formats.errors import QdllmError
+from formats.families import HParams
+from formats.gguf import OUTTYPES, STOCK_TYPES
+from formats.tensors import canonical_names, canonical_shape, is_linear
+from qdllm_export.calib import CalibConfig
+from qdllm_export.grids import GridConfig
+from qdllm_export.grids.base import ROUNDINGS
+from qdllm_export.grids.ggml import fallback_type, grid_for
+
+# candidates of --outtype auto, by bits per weight: iq2_xs 2.31, iq2_s 2.56, q2_k 2.63, q3_k / iq3_s 3.44,
+# q4_k 4.5, q5_k 5.5, q6_k 6.56, q8_0 8.5
+AUTO_CANDIDATES = ("iq2_xs", "iq2_s", "q2_k", "q3_k", "iq3_s", "q4_k", "q5_k", "q6_k", "q8_0")
+
+
+@dataclass
+class StockSpec:
+    """What ``gguf`` produces for a stock outtype: ``outtype`` (a ``STOCK_TYPES`` key or ``auto``), ``bpw``
+    (auto's budget: mean stored bits per weight of the block linears), ``rounding`` (gptq | importance |
+    rtn, the ablation), ``true_sequential``, ``imatrix`` (a llama.cpp imatrix file used as the importance
+    instead of calibrating)."""
+
+    outtype: str
+    bpw: float | None = None
+    rounding: str = "gptq"
+    true_sequential: bool = True
+    imatrix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.outtype not in STOCK_TYPES and self.outtype != "auto":
+            raise QdllmError(f"--outtype {self.outtype!r} is not a stock type; supported: {', '.join(OUTTYPES)}")
+        if self.outtype == "auto" and self.bpw is None:
+            raise QdllmError("--outtype auto needs a budget: --bpw B (mean bits per weight of the linears, e.g. 2.5)")
+        if self.outtype != "auto" and self.bpw is not None:
+            raise QdllmError(f"--bpw is the budget of --outtype auto; --outtype {self.outtype} has a fixed size")
+        if self.rounding not in ROUNDINGS:
+            raise QdllmError(f"--rounding {self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        if self.imatrix and self.outtype == "auto":
+            raise QdllmError("--imatrix sets the importance of a fixed type; --outtype auto calibrates to measure "
+                             "sensitivity (drop --imatrix, or give a type such as --outtype q2_k)")
+        if self.imatrix and self.rounding == "rtn":
+            raise QdllmError("--imatrix and --rounding rtn exclude each other (rtn uses no importance)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def linear_widths(hp: HParams) -> dict[str, tuple[int, int]]:
+    """llama.cpp name -> (n_out, n_in) of every block linear."""
+    return {n: canonical_shape(hp, n) for n in canonical_names(hp) if is_linear(hp, n)}
+
+
+def type_bits(name: str, n_in: int) -> float:
+    """Stored bits per weight of type ``name`` (after its fallback) on rows of ``n_in``."""
+    return grid_for(name, n_in).bits_per_weight(n_in)
+
+
+def reachable(hp: HParams, candidates: tuple[str, ...] = AUTO_CANDIDATES) -> tuple[float, float]:
+    """(lowest, highest) mean bits per weight over the linears that a mix of ``candidates`` can reach."""
+    shapes = linear_widths(hp).values()
+    total = sum(o * i for o, i in shapes)
+    bits = [[type_bits(c, i) for c in candidates] for _, i in shapes]
+    lo = sum(min(b) * o * i for b, (o, i) in zip(bits, shapes)) / total
+    hi = sum(max(b) * o * i for b, (o, i) in zip(bits, shapes)) / total
+    return lo, hi
+
+
+def check_budget(hp: HParams, bpw: float) -> None:
+    """Refuse a budget no mix of ``AUTO_CANDIDATES`` meets, naming the nearest reachable one."""
+    lo, hi = reachable(hp)
+    up, down = math.ceil(lo * 1000) / 1000, math.floor(hi * 1000) / 1000  # printed budgets that are reachable
+    if bpw < lo - 1e-9:
+        raise QdllmError(f"--bpw {bpw:g} cannot be met: the cheapest mix ({AUTO_CANDIDATES[0]} everywhere) spends "
+                         f"{lo:.4f} bits per weight on these linears; the nearest reachable budget is --bpw {up:.3f}")
+    if bpw > hi + 1e-9:
+        raise QdllmError(f"--bpw {bpw:g} is more than the largest mix spends ({AUTO_CANDIDATES[-1]} everywhere, "
+                         f"{hi:.4f} bits per weight); the nearest reachable budget is --bpw {down:.3f} (or use --outtype f16)")
+
+
+def fallbacks(hp: HParams, outtype: str) -> dict[str, str]:
+    """Linears that cannot take ``outtype`` -> the type they get instead (llama-quantize's rule)."""
+    out = {}
+    for n, (_, n_in) in linear_widths(hp).items():
+        t = fallback_type(outtype, n_in)
+        if t != outtype:
+            out[n] = t
+    return out
+
+
+def _fixed(outtype: str, name: str, n_in: int):
+    return grid_for(outtype, n_in)
+
+
+def _chosen(choice: dict[str, str], name: str, n_in: int):
+    return grid_for(choice[name], n_in)
+
+
+@dataclass
+class ImatrixTarget:
+    """A grid target whose importance is a llama.cpp imatrix (``diag(in_sum2 / counts)`` as ``H``) instead of
+    calibration: importance-weighted fits, no compensation (an imatrix has no off-diagonal statistics)."""
+
+    base: Any  # GridTarget
+    importance: dict[str, np.ndarray]
+    source: str
+    needs_data: bool = False
+
+    def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: Any) -> dict[str, Any]:
+        return self.base.plan_block(i, weights, Hs)
+
+    def quantize(self, name: str, W: torch.Tensor, H: Any, plan: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+        H = torch.diag(torch.from_numpy(self.importance[name]).to(device=W.device, dtype=torch.float32))
+        return self.base.quantize(name, W, H, plan)
+
+    def record(self) -> dict[str, Any]:
+        return {**self.base.record(), "importance_from": "imatrix", "imatrix": self.source}
+
+
+def auto_sensitivity(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "cpu",
+                     on_layer: Callable[[int, int, str], None] | None = None) -> Any:
+    """Output error and bits of every ``AUTO_CANDIDATES`` type on every linear (``qdllm_export.mix``)."""
+    from qdllm_export.mix import measure_sensitivity
+
+    cands = {c: partial(grid_for, c) for c in AUTO_CANDIDATES}
+    return measure_sensitivity(model_dir, cands, ccfg, device=device, on_layer=on_layer)
+
+
+def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, device: str = "cpu",
+                 on_layer: Callable[[int, int, str], None] | None = None, sensitivity: Any = None) -> Any:
+    """The pipeline target of ``spec``; for ``auto`` this measures every candidate's error first (unless
+    ``sensitivity``, from :func:`auto_sensitivity` on the same model and calibration, is given)."""
+    from formats.families import read_config
+    from qdllm_export.targets import GridTarget
+
+    _, hp, _ = read_config(Path(model_dir))
+    describe: dict[str, Any] = {"outtype": spec.outtype, "true_sequential": spec.true_sequential}
+    if spec.outtype == "auto":
+        from qdllm_export.mix import allocate, plan_summary
+
+        check_budget(hp, spec.bpw)
+        sens = sensitivity or auto_sensitivity(model_dir, ccfg, device=device, on_layer=on_layer)
+        choice = allocate(sens, spec.bpw)
+        grid_of: Callable = partial(_chosen, choice)
+        describe.update(bpw=spec.bpw, **plan_summary(sens, choice))
+    else:
+        grid_of = partial(_fixed, spec.outtype)
+        describe["fallbacks"] = fallbacks(hp, spec.outtype)
+    rounding = "importance" if spec.imatrix else spec.rounding
+    target = GridTarget(grid_of, GridConfig(rounding=rounding), kind="ggml", describe=describe)
+    if spec.imatrix:
+        from formats.imatrix import check_imatrix, read_imatrix
+        from qdllm_export.imatrix import model_widths
+
+        im = read_imatrix(spec.imatrix)
+        widths = model_widths(model_dir)
+        check_imatrix(im, widths, f"--imatrix {spec.imatrix}", str(model_dir), optional=("output.weight",))
+        target = ImatrixTarget(target, {n: im.importance(n) for n in widths if n in im.in_sum2}, str(spec.imatrix))
+    return target
+
+
+def quantize_stock(model_dir: str | Path, out_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *,
+                   device: str = "cpu", force: bool = False, on_layer: Callable[[int, int, str], None] | None = None,
+                   sensitivity: Any = None):
+    """Quantize the block linears of a float checkpoint into ggml types (a quantized checkpoint of
+    ``GGMLTensor`` linears at ``out_dir``); returns ``(PipelineResult, record)``."""
+    from qdllm_export.pipeline import quantize_checkpoint
+
+    target = stock_target(model_dir, spec, ccfg, device=device, on_layer=on_layer, sensitivity=sensitivity)
+    return quantize_checkpoint(model_dir, out_dir, target, ccfg, device=device, force=force,
+                               true_sequential=spec.true_sequential, on_layer=on_layer)
+
+
+class GridEncoder:
+    """``token_embd`` / ``output`` in a ggml type (``formats.gguf.TensorEncoder``): ggml's own encoder
+    through libggml (what llama-quantize applies to these tensors; fast) when llama-cpp-python is
+    installed, else qdllm's grid with plain rounding. ``importance``: llama.cpp name -> column importance
+    ``[n_in]`` (e.g. ``output.weight`` from an imatrix)."""
+
+    def __init__(self, importance: dict[str, np.ndarray] | None = None, device: str = "cpu"):
+        self.importance = dict(importance or {})
+        self.device = device
+
+    def type_of(self, name: str, ggml_type: str, n_in: int) -> str:
+        t = fallback_type(ggml_type.lower(), n_in)
+        return "F16" if t == "f16" else t.upper()
+
+    def encode(self, name: str, w: np.ndarray, ggml_type: str) -> Any:
+        from formats.ggml_tensor import GGMLTensor
+        from qdllm_export.grids import libggml
+
+        imp = self.importance.get(name)
+        if libggml.available():
+            return GGMLTensor(w.shape, ggml_type, libggml.quantize_rows(w, ggml_type, imp), name=name)
+        return _grid_encode(name, w, ggml_type, imp, self.device)
+
+
+def _grid_encode(name: str, w: np.ndarray, ggml_type: str, imp: np.ndarray | None, device: str,
+                 rows: int = 4096) -> Any:
+    """qdllm's grid fit of ``w`` float32 ``[n, k]`` (rows are independent: done ``rows`` at a time)."""
+    from formats.ggml_tensor import GGMLTensor
+    from qdllm_export.grids.base import grid_quantize
+    from qdllm_export.grids.ggml import GGML_GRIDS
+
+    grid = GGML_GRIDS[ggml_type.lower()]()
+    cfg = GridConfig(rounding="rtn" if imp is None else "importance")
+    H = None if imp is None else torch.diag(torch.from_numpy(imp).to(device))
+    parts = []
+    for r0 in range(0, w.shape[0], rows):
+        W = torch.from_numpy(np.ascontiguousarray(w[r0 : r0 + rows])).to(device)
+        parts.append(grid_quantize(W, H, grid, cfg, name=name).stored.data)
+    return GGMLTensor(w.shape, ggml_type, np.concatenate(parts), name=name)
