@@ -124,6 +124,11 @@ class GGMLTensor:
     def permute_rows(self, perm: np.ndarray) -> "GGMLTensor":
         return GGMLTensor(self.shape, self.ggml_type, np.ascontiguousarray(self.data[perm]), self.name, dict(self.meta))
 
+    def rows(self, start: int, stop: int, name: str = "") -> "GGMLTensor":
+        """Rows ``start:stop`` as a tensor of their own (ggml rows are independent)."""
+        return GGMLTensor((stop - start, self.shape[1]), self.ggml_type, np.ascontiguousarray(self.data[start:stop]),
+                          name or self.name, dict(self.meta))
+
 
 def from_blocks(blocks: np.ndarray, ggml_type: str, name: str = "", meta: dict[str, Any] | None = None) -> GGMLTensor:
     """A :class:`GGMLTensor` from packed blocks ``[n_out, n_blocks, type_size]`` uint8."""

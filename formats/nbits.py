@@ -53,6 +53,12 @@ def unpack_low_first(b: np.ndarray, bits: int, m: int) -> np.ndarray:
     return out[..., :m].astype(np.uint8)
 
 
+def stored_bits_per_weight(n_in: int, bits: int, block_size: int) -> float:
+    """Stored bits per weight of a linear with ``n_in`` columns: codes, fp16 scales, packed zero points."""
+    nb = n_in // block_size
+    return bits + 16.0 / block_size + 8.0 * ((nb * bits + 7) // 8) / n_in
+
+
 def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "") -> "NBitsTensor":
     """Plain round-to-nearest onto the grid, no data: per row and block the range ``[min(w, 0), max(w, 0)]``
     gives ``s = range / (2^bits - 1)`` (rounded to fp16) and ``z = round(-min / s)``. For writers that encode

@@ -34,7 +34,8 @@ from qdllm_export.models.layers import rope_tables
 from qdllm_export.quant import HessianAccumulator, QuantConfig
 from qdllm_export.targets import Target, as_target
 
-# Linears of a block in the order their inputs become available (true-sequential groups).
+# Linears of a block in the order their inputs become available (true-sequential groups); the linears
+# of one group read the same input.
 SEQUENTIAL_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
 
 OnLayer = Callable[[int, int, str], None]
@@ -146,11 +147,21 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     for g, group in enumerate(sequential_groups(roles) if true_sequential else [roles]):
         if data and g > 0:
             Hs.update(collect_hessians(block, group, calib.x, calib.cos, calib.sin, calib.batch))
+        if true_sequential and len(group) > 1 and hasattr(target, "quantize_stacked"):
+            names = [f"blk.{i}.{r}.weight" for r in group]
+            if on_layer:
+                on_layer(i, n_layers, " + ".join(n.split(".", 2)[2] for n in names))
+            stacked = target.quantize_stacked(names, [linears[r].weight.data for r in group], None if Hs is None else Hs[group[0]])
+            if stacked is not None:
+                for r, name, res in zip(group, names, stacked):
+                    out[r] = _store_result(linears[r], name, res, result)
+                continue
         for r in group:
             name = f"blk.{i}.{r}.weight"
             if on_layer:
                 on_layer(i, n_layers, name + (f" (last: {_err_text(result.layers[-1])})" if result.layers else ""))
-            out[r] = _quantize_linear(linears[r], name, target, None if Hs is None else Hs[r], plan[r], result)
+            out[r] = _store_result(linears[r], name, target.quantize(name, linears[r].weight.data,
+                                                                     None if Hs is None else Hs[r], plan[r]), result)
     if data:
         del Hs
         _run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
@@ -159,9 +170,9 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     return out
 
 
-def _quantize_linear(m: torch.nn.Linear, name: str, target: Target, H: torch.Tensor | None, plan: Any,
-                     result: PipelineResult) -> Any:
-    stored, _, stats = target.quantize(name, m.weight.data, H, plan)
+def _store_result(m: torch.nn.Linear, name: str, res: tuple[Any, torch.Tensor, dict[str, Any]], result: PipelineResult) -> Any:
+    """Put a quantized linear's stored values into the block and report it; returns the stored tensor."""
+    stored, _, stats = res
     with torch.no_grad():
         m.weight.copy_(dequantize_torch(stored, m.weight.device))  # the stored values are the truth
     rec = record_of(stored)

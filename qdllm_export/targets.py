@@ -111,6 +111,27 @@ class GridTarget:
                      seconds=time.perf_counter() - t0)
         return res.stored, res.w_hat, stats
 
+    def quantize_stacked(self, names: list[str], Ws: list[torch.Tensor], H: torch.Tensor | None
+                         ) -> list[tuple[Any, torch.Tensor, dict[str, Any]]] | None:
+        """Linears that read the same input and get the same grid, fitted as one matrix of their stacked
+        rows (a grid's rows are independent, so the result is the same; on a GPU the per-column work is
+        paid once). None when their grids differ (the caller then quantizes one at a time)."""
+        grids = [self.grid_of(n, int(W.shape[1])) for n, W in zip(names, Ws)]
+        if len({g.name for g in grids}) != 1 or len({int(W.shape[1]) for W in Ws}) != 1:
+            return None
+        t0 = time.perf_counter()
+        res = grid_quantize(torch.cat(Ws), H, grids[0], self.cfg, name="+".join(names))
+        out, a = [], 0
+        for n, W in zip(names, Ws):
+            b = a + W.shape[0]
+            stored, w_hat = res.stored.rows(a, b, name=n), res.w_hat[a:b]
+            stats = error_stats(W.detach().to(torch.float32), w_hat, H)
+            stats.update(method=f"grid-{self.cfg.rounding}", grid=grids[0].name, bits_per_weight=stored.bits_per_weight(),
+                         seconds=(time.perf_counter() - t0) / len(names))
+            out.append((stored, w_hat, stats))
+            a = b
+        return out
+
     def record(self) -> dict[str, Any]:
         return {"target": self.kind, "method": f"grid-{self.cfg.rounding}", "grid": self.cfg.to_dict(), **self.describe}
 
