@@ -6,7 +6,8 @@ type per tensor:
 1. ``measure_sensitivity``: stream the float model block by block on MCS calibration windows; for each
    linear ``W`` (input statistics ``H``) and each candidate grid, fit the grid with importance
    weighting (no compensation, so it is fast) and record the output error ``tr(D H D^T)``
-   (``D = W - W_hat``) and the grid's bits per weight.
+   (``D = W - W_hat``) and the grid's bits per weight. Rows are independent in every grid, so a linear
+   taller than ``max_rows`` is measured on ``max_rows`` evenly spaced rows and the error scaled up.
 2. ``allocate``: minimise the summed error subject to ``sum_i bits_i n_i <= budget * sum_i n_i``
    (``n_i`` weights of tensor ``i``) by greedy upgrades along each tensor's lower convex hull of
    (bits, error): the Lagrangian solution of the knapsack, exact at the hull's vertices.
@@ -52,7 +53,7 @@ class Sensitivity:
 
 def measure_sensitivity(model_dir: str | Path, candidates: dict[str, GridFactory], ccfg: CalibConfig, *,
                         device: str = "cpu", batch: int = 8, on_layer: Callable[[int, int, str], None] | None = None,
-                        ) -> Sensitivity:
+                        max_rows: int = 1024) -> Sensitivity:
     """Output error of every candidate grid on every linear of the float model (see module doc)."""
     from qdllm_export.pipeline import _calibration, _load_block, _run_block, collect_hessians
 
@@ -69,19 +70,30 @@ def measure_sensitivity(model_dir: str | Path, candidates: dict[str, GridFactory
             name = f"blk.{i}.{r}.weight"
             if on_layer:
                 on_layer(i, hp.n_layers, f"measuring {name}")
-            W = m.weight.data
-            sens.sizes[name] = W.numel()
+            sens.sizes[name] = m.weight.numel()
+            W = _row_sample(m.weight.data, max_rows)
+            scale = m.weight.shape[0] / W.shape[0]
             sens.errors[name], sens.bits[name], sens.actual[name] = {}, {}, {}
             for cand, make in candidates.items():
                 grid = make(W.shape[1])
                 res = grid_quantize(W, Hs[r], grid, cfg, name=name)
-                sens.errors[name][cand] = output_error(W, res.w_hat, Hs[r])[0]
+                sens.errors[name][cand] = scale * output_error(W, res.w_hat, Hs[r])[0]
                 sens.bits[name][cand] = float(res.stored.bits_per_weight())
                 sens.actual[name][cand] = grid.name
         del Hs
         _run_block(block, calib.x, calib.cos, calib.sin, batch)
         del block
     return sens
+
+
+def _row_sample(W, max_rows: int):
+    """At most ``max_rows`` evenly spaced rows of ``W [n_out, n_in]``."""
+    if W.shape[0] <= max_rows:
+        return W
+    import torch
+
+    idx = torch.linspace(0, W.shape[0] - 1, max_rows, device=W.device).round().long()
+    return W[idx]
 
 
 def _hull(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
