@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from formats.errors import QdllmError
 from formats.families import HParams
+from formats.nbits import stored_bits_per_weight
 from formats.tensors import HFTensors, canonical_names, canonical_shape, is_linear
 from qdllm_export.calib import CalibConfig
 
@@ -71,6 +72,20 @@ def check_block_size(hp: HParams, block_size: int, where: str | Path) -> None:
     raise QdllmError(f"{where}: tensor {bad} has n_in={widths[bad]}, not a multiple of --block-size {block_size}; {hint}")
 
 
+def check_budget(hp: HParams, spec: NBitsSpec, where: str | Path) -> None:
+    """``auto``: refuse a ``bpw`` outside what mixes of the candidate bits can reach, before any work."""
+    if spec.outtype != "auto":
+        return
+    shapes = [canonical_shape(hp, n) for n in canonical_names(hp) if is_linear(hp, n)]
+    total = sum(o * i for o, i in shapes)
+    lo, hi = (sum(o * i * stored_bits_per_weight(i, b, spec.block_size) for o, i in shapes) / total
+              for b in (min(spec.bits), max(spec.bits)))
+    if not lo <= spec.bpw:
+        raise QdllmError(f"{where}: --bpw {spec.bpw:g} is below the smallest mix at --block-size {spec.block_size}: every "
+                         f"linear int{min(spec.bits)} stores {lo:.3f} bits per weight (reachable: {lo:.3f} to {hi:.3f}); "
+                         "raise --bpw or use a larger --block-size")
+
+
 def nbits_target(folder: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, device: str = "cpu",
                  on_layer: OnLayer | None = None) -> Any:
     """The pipeline target (``targets.GridTarget``) of ``spec``; for ``auto`` this measures the
@@ -99,9 +114,11 @@ def quantize_nbits(folder: str | Path, out_dir: str | Path, spec: NBitsSpec, ccf
     ``out_dir``; returns the pipeline's ``(PipelineResult, record)``. Nothing is left at ``out_dir`` on failure."""
     from qdllm_export.pipeline import quantize_checkpoint
 
-    check_block_size(HFTensors(folder).hparams, spec.block_size, folder)
+    hp = HFTensors(folder).hparams
+    check_block_size(hp, spec.block_size, folder)
+    check_budget(hp, spec, folder)
     target = nbits_target(folder, spec, ccfg, device=device, on_layer=on_layer)
     return quantize_checkpoint(folder, out_dir, target, ccfg, device=device, force=force, on_layer=on_layer)
 
 
-__all__ = ["NBitsSpec", "OUTTYPES", "BLOCK_SIZES", "check_block_size", "nbits_target", "quantize_nbits"]
+__all__ = ["NBitsSpec", "OUTTYPES", "BLOCK_SIZES", "check_block_size", "check_budget", "nbits_target", "quantize_nbits"]

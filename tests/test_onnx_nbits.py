@@ -166,3 +166,60 @@ def test_probe():
     assert nbits_support(2) is None and nbits_support(4) is None and nbits_support(8) is None
     why = _probe_nbits(3)
     assert "Only 2b, 4b and 8b" in why and "no onnxruntime release runs 3-bit MatMulNBits on the CPU (it runs 2, 4, 8)" in why
+
+
+# ---------------------------------------------------------------------------------------------- the onnx verb
+
+
+def test_cli_int4_generate_eval_verify(cli, tmp_path):
+    """`onnx --outtype int4` (RTN: no calibration, fast) writes MatMulNBits at level 4; generate, eval and
+    verify run the file with the onnxruntime backend."""
+    out = tmp_path / "m.onnx"
+    code, text, err = cli("onnx", "tiny-llada", out, "--outtype", "int4", "--method", "rtn", "--block-size", "64", "--json")
+    assert code == 0, err
+    d = json.loads(text)
+    assert d["nbits_linears"] == {"int4": 28} and d["accuracy_level"] == 4
+    assert d["qdllm"]["outtype"] == "int4" and d["qdllm"]["block_size"] == 64
+    assert d["bits_per_weight_linear"] == pytest.approx(4 + 16 / 64 + 8 * 2 / 256, rel=0.01)  # 256- and 768-column linears
+    code, text, err = cli("generate", out, "--prompt-ids", "5,6,7", "--gen-length", "4", "--json")
+    assert code == 0 and len(json.loads(text)["tokens"]) == 4, err
+    code, text, err = cli("eval", out, "--max-windows", "2", "--mc", "1", "--json")
+    assert code == 0 and np.isfinite(json.loads(text)["nll"]), err
+    code, text, err = cli("verify", "tiny-llada", out, "--gen-length", "4", "--n-seq", "1", "--json")
+    rep = json.loads(text)["files"][0]
+    assert code == 0 and rep["passed"] and rep["rtol"] == INT8_RTOL and not rep["tokens_required"], rep
+
+
+def test_cli_auto_mix(cli, tmp_path):
+    """`--outtype auto --bpw`: a per-tensor mix under the budget, from measured sensitivity (a small model and
+    a tiny calibration, for time)."""
+    from tests.tiny import make_checkpoint, tiny_hparams
+
+    folder, _, _ = make_checkpoint(tmp_path / "ck", "dream", hp=tiny_hparams("dream", d_model=128, d_ff=256), seed=1)
+    out = tmp_path / "a.onnx"
+    code, text, err = cli("onnx", folder, out, "--outtype", "auto", "--bpw", "3", "--block-size", "128",
+                          "--calib-samples", "4", "--seq-len", "32", "--accuracy-level", "0", "--json")
+    assert code == 0, err
+    d = json.loads(text)
+    assert d["accuracy_level"] == 0 and d["bits_per_weight_linear"] <= 3.0 + 1e-9
+    assert {"int2", "int4"} <= set(d["nbits_linears"]) and d["qdllm"]["bpw"] == 3.0
+
+
+def test_cli_refusals_leave_nothing(cli, tmp_path, monkeypatch):
+    """Bad input is refused before any work, one line naming the tensor / flag and the fix; nothing is written."""
+    from tests.tiny import make_checkpoint, tiny_hparams
+
+    folder, _, _ = make_checkpoint(tmp_path / "ck", "llada", hp=tiny_hparams("llada", d_model=128, d_ff=352), seed=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = cli("onnx", folder, out / "m.onnx", "--outtype", "int4", "--block-size", "64")
+    assert code == 2 and "tensor blk.0.ffn_down.weight has n_in=352, not a multiple of --block-size 64" in err
+    assert "block sizes that fit every linear: 32" in err
+    code, _, err = cli("onnx", "tiny-llada", out / "m.onnx", "--outtype", "auto", "--bpw", "2.4")
+    assert code == 2 and "--bpw 2.4 is below the smallest mix at --block-size 32" in err
+    import runtime_ref.ort as ro
+
+    monkeypatch.setitem(ro._NBITS_PROBED, 2, ro.nbits_unsupported(2, "1.22.0", "a made-up refusal"))
+    code, _, err = cli("onnx", "tiny-llada", out / "m.onnx", "--outtype", "int2")
+    assert code == 2 and "cannot run 2-bit MatMulNBits" in err and "onnxruntime >= 1.23.0" in err
+    assert list(out.iterdir()) == []

@@ -92,7 +92,7 @@ def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
     from formats.tokenizer import load_tokenizer
     from qdllm_export.backends import resolve
     from qdllm_export.calib import CalibConfig
-    from qdllm_export.nbits_quant import NBitsSpec, check_block_size, quantize_nbits
+    from qdllm_export.nbits_quant import NBitsSpec, check_block_size, check_budget, quantize_nbits
     from runtime_ref.ort import nbits_support
 
     folder = resolve(model)
@@ -115,7 +115,9 @@ def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
         why = nbits_support(bits)
         if why:
             raise QdllmError(f"--outtype {outtype}: {why}")
-    check_block_size(HFTensors(folder).hparams, block_size, folder)
+    hp = HFTensors(folder).hparams
+    check_block_size(hp, block_size, folder)
+    check_budget(hp, spec, folder)
     checks.output_file(out, force, [folder, q.get("calib")])
     ccfg = CalibConfig(path=str(q["calib"]) if q["calib"] else None, n_samples=q["calib_samples"], seq_len=q["seq_len"],
                        mcs=q["mcs"], prefix_ratio=q["prefix_ratio"], seed=q["seed"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from formats.nbits import BLOCK_SIZES, NBITS, NBitsTensor, pack_low_first
+from formats.nbits import BLOCK_SIZES, NBITS, NBitsTensor, pack_low_first, stored_bits_per_weight
 
 SHRINK = torch.linspace(1.0, 0.35, 14).tolist()  # candidate clipping factors of each side of the range
 CANDIDATE_ELEMS = 1 << 20  # init evaluates candidates in chunks of about this many code elements (4 MiB)
@@ -109,5 +109,4 @@ class NBitsGrid:
                            pack_low_first(z, self.bits), name=name)
 
     def bits_per_weight(self, n_in: int) -> float:
-        nb = n_in // self.block
-        return self.bits + 16.0 / self.block + 8.0 * ((nb * self.bits + 7) // 8) / n_in
+        return stored_bits_per_weight(n_in, self.bits, self.block)
