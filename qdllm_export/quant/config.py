@@ -44,7 +44,7 @@ class QuantConfig:
     metric: str = "diag"  # DAQ scale refits: diag (weights A) or full (in-block quadratic form)
     inblock: str = "none"  # DAQ signs: none (joint elementwise re-rounding) or gptq (column by column with OBS feedback)
     abmp_pool: str = "block"  # ABMP ranks the blocks of: every linear of a transformer block | each true-sequential group | each linear
-    act_order: bool = False  # GPTQ: columns by decreasing H_jj (GPTQModel desc_act; implies static groups)
+    act_order: bool = False  # columns by decreasing H_jj: GPTQ (desc_act, implies static groups); Quant-dLLM inside each block
     static_groups: bool = False  # GPTQ: every group's grid fixed from the weights before any update
     percdamp: float = 0.01
     seed: int = 0

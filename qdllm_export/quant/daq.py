@@ -295,8 +295,45 @@ def block_metric(Ubb: torch.Tensor) -> torch.Tensor:
     return M / M.diagonal().mean().clamp_min(1e-30)
 
 
+def block_order(H: torch.Tensor | None, G: int) -> torch.Tensor | None:
+    """Act-order inside each ``G``-column block: column indices sorted by decreasing ``H_jj`` within their
+    block (the block structure, and so the stored layout, is unchanged). None without ``H``."""
+    if H is None:
+        return None
+    d = torch.diag(H).reshape(-1, G)
+    local = torch.argsort(d, dim=1, descending=True, stable=True)
+    return (local + torch.arange(0, H.shape[0], G, device=H.device)[:, None]).reshape(-1)
+
+
 def daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, planes: np.ndarray | None = None, name: str = ""):
-    """Quant-dLLM on one weight. Returns ``(QuantizedTensor, W_hat fp32 torch, planes)``."""
+    """Quant-dLLM on one weight. Returns ``(QuantizedTensor, W_hat fp32 torch, planes)``.
+
+    With ``cfg.act_order`` the columns of every block are visited by decreasing ``H_jj`` (the weight and
+    ``H`` are permuted inside each block, quantized, and the result permuted back exactly)."""
+    perm = block_order(H.to(W.device), cfg.group_size) if cfg.act_order and H is not None else None
+    if perm is None:
+        return _daq_quantize(W, H, cfg, planes, name)
+    inv = torch.argsort(perm)
+    qt, W_hat, planes = _daq_quantize(W[:, perm], H.to(W.device)[perm][:, perm], cfg, planes, name)
+    return permute_block_columns(qt, inv.cpu().numpy()), W_hat[:, inv], planes
+
+
+def permute_block_columns(qt, perm: np.ndarray):
+    """``qt`` with columns reordered inside their blocks (``perm`` maps new column -> old column and never
+    leaves a block): signs and column scales move, every value is kept."""
+    from formats.qtensor import QuantizedTensor, pack_signs, unpack_signs
+
+    G = qt.group_size
+    local = perm.reshape(-1, G) - np.arange(0, qt.shape[1], G)[:, None]  # [nb, G]
+    idx = np.asarray([j for _, j in qt.plane_index()])  # block of every stored plane
+    signs = unpack_signs(qt.signs, np.int8)  # [P, n_out, G]
+    signs = np.take_along_axis(signs, local[idx][:, None, :], axis=2)
+    col = np.take_along_axis(qt.col_scale, local[idx], axis=1)
+    return QuantizedTensor(qt.shape, G, qt.planes, pack_signs(signs), qt.row_scale, np.ascontiguousarray(col), qt.mu,
+                           qt.name, dict(qt.meta))
+
+
+def _daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, planes: np.ndarray | None = None, name: str = ""):
     W = W.detach().to(torch.float32).clone()
     n_out, n_in = W.shape
     G = cfg.group_size
