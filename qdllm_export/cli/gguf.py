@@ -185,7 +185,7 @@ def print_runtime_note(info: dict[str, Any], outtype: str) -> None:
     counts: dict[str, int] = {}
     for row in info["tensors"]:
         if row["name"].startswith("blk.") and row["name"].endswith(".weight") and "norm" not in row["name"]:
-            t = row["type"].split(" ")[0]
+            t = "binary planes" if row["type"].startswith("Q1_0 planes") else row["type"]
             counts[t] = counts.get(t, 0) + 1
     types = ", ".join(f"{n} x {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     emb = {row["name"]: row["type"] for row in info["tensors"] if row["name"] in ("token_embd.weight", "output.weight")}
