@@ -126,3 +126,16 @@ def test_runtime_llama_cpp_refusals(tmp_path, cli, ckpt):
         _refused(cli(*verb, "--runtime", "llama.cpp"), "llama.cpp cannot run", "--outtype q2_k")
     _refused(cli("generate", ckpt, "--prompt-ids", "1,2", "--runtime", "llama.cpp"), "runs .gguf files only")
     _refused(cli("generate", planes, "--prompt-ids", "1,2", "--runtime", "vulkan"), "--runtime", usage=True)
+
+
+def test_imatrix_verb_then_gguf_with_it(ckpt, tmp_path, cli):
+    """`imatrix` writes a file `gguf --imatrix` takes as the importance (no calibration of its own)."""
+    imat = tmp_path / "m.imatrix.gguf"
+    code, out, err = cli("imatrix", ckpt, imat, "--calib-samples", "2", "--seq-len", "32", "--json")
+    assert code == 0 and json.loads(out)["entries"] == 8, err  # 7 linears + output
+    code, out, err = cli("gguf", ckpt, tmp_path / "m.gguf", "--outtype", "q3_k", "--imatrix", imat, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["qdllm"]["calibration"] == "imatrix" and info["bits_per_weight_linear"] == pytest.approx(3.4375)
+    _refused(cli("gguf", ckpt, tmp_path / "n.gguf", "--outtype", "q3_k", "--imatrix", imat, "--calib-samples", "4"),
+             "--calib-samples: not used with --imatrix")
