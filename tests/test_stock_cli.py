@@ -139,3 +139,30 @@ def test_imatrix_verb_then_gguf_with_it(ckpt, tmp_path, cli):
     assert info["qdllm"]["calibration"] == "imatrix" and info["bits_per_weight_linear"] == pytest.approx(3.4375)
     _refused(cli("gguf", ckpt, tmp_path / "n.gguf", "--outtype", "q3_k", "--imatrix", imat, "--calib-samples", "4"),
              "--calib-samples: not used with --imatrix")
+
+
+def test_fallback_for_widths_the_block_does_not_divide(tmp_path, cli):
+    """d_model 384: the 256-wide k-quant blocks do not divide the rows of attn_q..ffn_up, token_embd, output;
+    they fall back as llama-quantize does (q2_k -> IQ4_NL, q4_k -> Q5_0, q6_k -> Q8_0), the summary lists
+    them, and llama.cpp runs the file."""
+    folder, _, _ = make_checkpoint(tmp_path / "ck", "llada", seed=3, hp=tiny_hparams("llada", d_model=384, n_layers=1, d_ff=512))
+    out = tmp_path / "m.gguf"
+    code, text, err = cli("gguf", folder, out, "--outtype", "q2_k", "--rounding", "rtn", "--json")
+    assert code == 0, err
+    fb = json.loads(text)["fallbacks"]
+    assert fb == {"token_embd.weight": "Q5_0", "output.weight": "Q8_0",
+                  **{f"blk.0.{r}.weight": "IQ4_NL" for r in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")}}
+    code, text, err = cli("gguf", folder, tmp_path / "n.gguf", "--outtype", "q2_k", "--rounding", "rtn")
+    assert code == 0 and "fallback: blk.0.attn_q.weight is IQ4_NL" in text, err
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return
+    from formats.gguf_read import read_gguf
+    from runtime_ref.forward import forward
+    from runtime_ref.llamacpp import LlamaCppBackend
+
+    m = read_gguf(out)
+    ids = np.random.default_rng(0).integers(0, m.hparams.n_vocab - 1, (1, 32))
+    ours, theirs = forward(m.tensors, ids), LlamaCppBackend(out, threads=1).raw_logits(ids)
+    assert np.abs(ours - theirs).max() / np.abs(ours).max() < 0.1
