@@ -15,12 +15,13 @@ from qdllm_export.cli.app import app, console, progress
 
 METHOD_HELP = "quant-dllm (MCS + DAQ + ABMP) | gptq | rtn."
 CLI_FIELDS = ("method", "bits", "group_size", "abmp", "abmp_ratio", "iters", "seed", "calib_samples", "seq_len",
-              "prefix_ratio")  # QuantConfig / CalibConfig fields that are also flags
+              "prefix_ratio", "act_order", "static_groups")  # QuantConfig / CalibConfig fields that are also flags
 
 
 def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_size: int, calib: Optional[Path],
                  calib_samples: int, seq_len: int, mcs: bool, prefix_ratio: float, abmp: bool, abmp_ratio: float,
-                 data_aware: bool, iters: int, device: str, seed: int, force: bool, quiet: bool = False):
+                 data_aware: bool, iters: int, device: str, seed: int, force: bool, quiet: bool = False,
+                 true_sequential: bool = True, act_order: bool = False, static_groups: bool = False):
     """Shared by ``quantize`` and the export verbs; returns (PipelineResult, record)."""
     from qdllm_export.backends import resolve
     from qdllm_export.calib import CalibConfig
@@ -35,7 +36,7 @@ def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_s
     folder = resolve(model)
     try:
         qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, abmp=abmp, abmp_ratio=abmp_ratio,
-                           data_aware=data_aware, iters=iters, seed=seed)
+                           data_aware=data_aware, iters=iters, seed=seed, act_order=act_order, static_groups=static_groups)
         ccfg = CalibConfig(path=str(calib) if calib else None, n_samples=calib_samples, seq_len=seq_len, mcs=mcs,
                            prefix_ratio=prefix_ratio, seed=seed)
     except QdllmError as e:  # the configs name their fields; the user typed flags
@@ -47,7 +48,8 @@ def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_s
         def on_layer(i: int, n: int, what: str) -> None:
             bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}", detail=what)
 
-        result, record = quantize_checkpoint(folder, out_dir, qcfg, ccfg, device=device, force=force, on_layer=on_layer)
+        result, record = quantize_checkpoint(folder, out_dir, qcfg, ccfg, device=device, force=force, on_layer=on_layer,
+                                             true_sequential=true_sequential)
         bar.update(task, description="done", detail="")
     return result, record
 
@@ -78,6 +80,9 @@ def quantize(
     iters: int = typer.Option(15, min=0, help="Quant-dLLM: alternating re-scaling / re-rounding iterations."),
     device: str = typer.Option("cpu", callback=checks.device_option, help="cpu | cuda."),
     seed: int = typer.Option(0, min=0, help="Seed of calibration masks and quantizer."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Calibrate q/k/v, o, gate/up, down in turn, each on inputs from the already-quantized earlier groups (off: the ablation)."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing input energy (GPTQModel desc_act; implies static groups). Quant-dLLM: the same order inside each block."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: fix every group's scale and zero from the weights before any update."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is a quantized checkpoint this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -88,15 +93,19 @@ def quantize(
     result, record = run_quantize(model, out_dir, method=method, bits=bits, group_size=group_size, calib=calib,
                                   calib_samples=calib_samples, seq_len=seq_len, mcs=mcs, prefix_ratio=prefix_ratio,
                                   abmp=abmp, abmp_ratio=abmp_ratio, data_aware=data_aware, iters=iters, device=device,
-                                  seed=seed, force=force)
+                                  seed=seed, force=force, true_sequential=true_sequential, act_order=act_order,
+                                  static_groups=static_groups)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     if as_json:
         print(json.dumps({"out_dir": str(out_dir), "method": method, "bits": bits,
-                          "bits_per_weight_linear": record["bits_per_weight_linear"], "size_bytes": size,
+                          "bits_per_weight_linear": record["bits_per_weight_linear"],
+                          "bits_per_weight_linear_native": record["bits_per_weight_linear_native"], "size_bytes": size,
                           "seconds": record["seconds"], "block_output_errors": record["block_output_errors"],
                           "tensors": record["tensors"]}))
         return
     console.print(summary_table(result, f"{method} {bits:g} bits"))
     console.print(f"wrote {out_dir}", soft_wrap=True)  # a path is never wrapped inside a table title
-    console.print(f"quantized linears: {record['bits_per_weight_linear']:.3f} bits/weight, folder {size / 2**20:.2f} MiB, "
-                  f"{record['seconds']:.1f} s")
+    native = record["bits_per_weight_linear_native"]
+    own = f" ({native:.3f} in {method}'s own packing: codes + fp16 scale and zero per group)" if native else ""
+    console.print(f"quantized linears: {record['bits_per_weight_linear']:.3f} bits/weight as planes{own}, "
+                  f"folder {size / 2**20:.2f} MiB, {record['seconds']:.1f} s")
