@@ -34,7 +34,7 @@ from onnx import TensorProto as TP
 from onnx import helper
 
 from formats.errors import QdllmError, check_output_path
-from formats.nbits import NBitsTensor
+from formats.nbits import NBitsTensor, quantize_rtn
 from formats.onnx_graph import (DOMAIN, DOMAIN_VERSION, F_NBITS, F_NBITS_MU, F_PLANE, F_PLANE_MU, IR_VERSION,
                                 MS_DOMAIN, OPSET, Builder, build_forward, io_values, make_function)
 from formats.onnx_proto import TensorStore
@@ -43,9 +43,11 @@ from formats.onnx_read import (FORMAT, FORMAT_VERSION, KERNELS, NBITS_FORMAT_VER
 from formats.qtensor import QuantizedTensor
 from formats.stored import is_stored, kind_of
 from formats.tokenizer import special_token_ids
-from formats.tensors import TensorSource, canonical_names, fetch_checked
+from formats.tensors import TensorSource, canonical_names, fetch_checked, is_linear
 
-EMBED_TYPES = ("f32", "f16")
+EMBED_TYPES = ("f32", "f16", "int8")
+EMBED_ROLES = ("token_embd.weight", "output.weight")
+EMBED_BLOCK = 32  # int8 embeddings / head: columns per scale and zero point
 INLINE_LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole file; above this: external data
 NBITS_DEFAULT_ACCURACY = 4  # accuracy_level of files holding MatMulNBits grid tensors unless told otherwise
 _NP = {"f32": np.float32, "f16": np.float16}
@@ -76,9 +78,22 @@ class _Export:
         self.group_sizes: set[int] = set()
         self.nbits: list[str] = []  # tensors written as MatMulNBits nodes
         self.acc_nodes: list[onnx.NodeProto] = []  # nodes whose accuracy_level attribute is set at the end
+        self.ms_ops = False  # a com.microsoft node other than those in acc_nodes (GatherBlockQuantized)
 
     def fetch(self, name: str) -> Any:
-        return fetch_checked(self.source, name, self.path)
+        return fetch_checked(self.source, name, self.path, stored_ok=EMBED_ROLES)
+
+    def int8(self, name: str) -> NBitsTensor:
+        """``token_embd`` / ``output`` for embed type int8: the source's own 8-bit ``NBitsTensor`` or an RTN
+        encoding (8 bits, blocks of ``EMBED_BLOCK`` columns, ``formats.nbits.quantize_rtn``) of its floats."""
+        value = self.fetch(name)
+        if isinstance(value, NBitsTensor) and value.bits == 8:
+            return value
+        w = value.dequantize() if is_stored(value) else np.asarray(value, dtype=np.float32)
+        if w.shape[1] % EMBED_BLOCK:
+            raise QdllmError(f"{self.path}: tensor {name} has {w.shape[1]} columns, not a multiple of {EMBED_BLOCK}; "
+                             "use embed type f16")
+        return quantize_rtn(w, 8, EMBED_BLOCK, name=name)
 
     def floats(self, name: str, arr: Any, dtype: str, transposed: bool) -> str:
         arr = np.asarray(arr, dtype=np.float32)
@@ -98,11 +113,30 @@ class _Export:
 
     def embed(self, b: Builder, ids: str) -> str:
         name = "token_embd.weight"
-        w = self.floats(name, self.fetch(name), self.embed_type, False)
+        if self.embed_type == "int8":
+            return self.gather_nbits(b, ids, name, self.int8(name))
+        value = self.fetch(name)
+        w = self.floats(name, value.dequantize() if is_stored(value) else value, self.embed_type, False)
         x = b.op("Gather", [w, ids], axis=0)
         return b.op("Cast", [x], to=TP.FLOAT) if self.embed_type == "f16" else x
 
+    def gather_nbits(self, b: Builder, ids: str, name: str, t: NBitsTensor) -> str:
+        """An 8-bit embedding table: one ``com.microsoft.GatherBlockQuantized`` node (codes ``[vocab, d]``)."""
+        t.validate()
+        n_out, n_in = t.shape
+        names = self._add_inits(name, {"codes": t.codes.reshape(n_out, n_in), "scales": t.scales,
+                                       "zero_points": t.zero_points})
+        sc = b.op("Cast", [names["scales"]], to=TP.FLOAT)
+        x = b.op("GatherBlockQuantized", [names["codes"], ids, sc, names["zero_points"]], domain=MS_DOMAIN,
+                 gather_axis=0, quantize_axis=1, block_size=t.block_size, bits=t.bits)
+        self.ms_ops = True
+        self.table[name] = {"kind": "nbits", "node": "GatherBlockQuantized", "shape": [n_out, n_in], "bits": t.bits,
+                            "block_size": t.block_size, "scale_dtype": "f16", "inits": names, "method": _method(t)}
+        return x
+
     def linear(self, b: Builder, x: str, name: str) -> str:
+        if name == "output.weight" and self.embed_type == "int8":
+            return self.matmul_nbits(b, x, name, self.int8(name))
         value = self.fetch(name)
         if self.outtype == "quantized" and isinstance(value, QuantizedTensor):
             return self.quantized(b, x, name, value)
@@ -170,7 +204,8 @@ class _Export:
         y = b.op("MatMulNBits", [x, names["codes"], sc, names["zero_points"]], domain=MS_DOMAIN,
                  K=n_in, N=n_out, bits=t.bits, block_size=t.block_size, accuracy_level=0)
         self.acc_nodes.append(b.nodes[-1])
-        self.nbits.append(name)
+        if is_linear(self.hp, name):
+            self.nbits.append(name)
         self.table[name] = {"kind": "nbits", "shape": [n_out, n_in], "bits": t.bits, "block_size": t.block_size,
                             "scale_dtype": self.nbits_scales, "inits": names, "method": _method(t)}
         return y
@@ -245,7 +280,7 @@ def _model_proto(ex: _Export, b: Builder, name: str | None) -> onnx.ModelProto:
     graph = helper.make_graph(b.nodes, f"qdllm_{hp.family}", inputs, outputs,
                               initializer=defaults + b.small + ex.store.protos)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
-    if ex.acc_nodes:
+    if ex.acc_nodes or ex.ms_ops:
         opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     fns = [make_function(f) for f in sorted(ex.functions)]
     return helper.make_model(graph, opset_imports=opsets, functions=fns, ir_version=IR_VERSION,
@@ -259,7 +294,8 @@ def _metadata(ex: _Export, outtype: str, level: int, ids: dict[str, int], qdllm_
     """The ``qdllm.*`` metadata properties (docs/onnx-format.md section 5)."""
     hp, path = ex.hp, ex.path
     meta = {
-        "qdllm.format": FORMAT, "qdllm.format_version": str(NBITS_FORMAT_VERSION if ex.nbits else FORMAT_VERSION),
+        "qdllm.format": FORMAT,
+        "qdllm.format_version": str(NBITS_FORMAT_VERSION if any(e["kind"] == "nbits" for e in ex.table.values()) else FORMAT_VERSION),
         "qdllm.family": hp.family, "qdllm.hparams": _json(hp.to_dict(), "hparams", path),
         "qdllm.shift_logits": str(hp.spec.shift_logits).lower(), "qdllm.mask_token_id": str(hp.mask_token_id),
         "qdllm.special_ids": _json(ids, "special ids", path), "qdllm.outtype": outtype,
@@ -304,8 +340,10 @@ def write_onnx(
     (``com.microsoft.MatMulNBits``, 2 bits per sign). ``accuracy_level`` of every MatMulNBits node: 0 =
     fp32 compute (exact), 4 = int8 activations (faster, ~1% error); None = 4 when the source holds
     ``NBitsTensor``\\ s, else 0. ``nbits_scales``: how MatMulNBits scales are stored, "f16" (the stored
-    values, cast to f32 in the graph) or "f32". ``embed_type`` ("f32" | "f16"): ``token_embd`` and
-    ``output`` (default f32 for outtype f32, else f16). ``tokenizer``: a ``tokenizers.Tokenizer`` or a
+    values, cast to f32 in the graph) or "f32". ``embed_type``: ``token_embd`` and ``output`` as "f32",
+    "f16" (default f32 for outtype f32, else f16) or "int8" (8-bit grid, blocks of 32 columns: ``token_embd``
+    a ``com.microsoft.GatherBlockQuantized`` node, ``output`` a MatMulNBits node; RTN-encoded here unless
+    the source holds them as 8-bit ``NBitsTensor``\\ s). ``tokenizer``: a ``tokenizers.Tokenizer`` or a
     tokenizer.json path, stored in the metadata (default: the source folder's tokenizer.json).
     ``external_data``: None = only when the model would pass ~1.8 GB (``<path>.data``).
     The file is written under a temporary name and renamed at the end.

@@ -21,7 +21,7 @@ from formats.nbits import NBITS, NBitsTensor
 from formats.onnx_graph import DOMAIN, MS_DOMAIN
 from formats.onnx_proto import ModelScan, scan_model
 from formats.qtensor import QuantizedTensor, pack_signs
-from formats.tensors import canonical_names, canonical_shape
+from formats.tensors import canonical_names, canonical_shape, is_linear
 
 FORMAT = "qdllm-onnx"
 FORMAT_VERSION = 1  # files of binary planes and floats only (readable by every qdllm-export)
@@ -30,6 +30,7 @@ SUPPORTED_VERSIONS = (1, 2)
 OUTTYPES = ("quantized", "f32", "f16")
 KERNELS = ("function", "matmulnbits")
 NBITS_SCALE_TYPES = ("f16", "f32")
+GATHER_NODE = "GatherBlockQuantized"  # the node of an int8 token_embd table (table entry "node")
 
 
 def encode_codes(q: QuantizedTensor) -> np.ndarray:
@@ -195,6 +196,8 @@ def _check_tensor(info: OnnxInfo, name: str) -> None:
         bits = _check_nbits(info, name, entry, shape)
     else:
         raise FormatError(f"{where}: tensor {name} has unknown kind {kind!r}")
+    if not is_linear(info.hparams, name):
+        return  # int8 embeddings / head: not counted with the quantized linears
     info.quantized_weights += shape[0] * shape[1]
     info.quantized_bits += bits
     info.quantized_file_bits += 8 * sum(scan.inits[i].length for i in inits.values())
@@ -236,24 +239,32 @@ def _check_nbits(info: OnnxInfo, name: str, entry: dict[str, Any], shape: tuple[
                           f"in {NBITS}, a block size in {NBITS_BLOCK_SIZES} dividing n_in={n_in}, scales f16 or f32")
     nb = n_in // bs
     zp_bytes = (nb * bits + 7) // 8
-    _expect(scan, where, inits.get("codes", ""), (n_out, nb, bs * bits // 8), TP.UINT8)
+    gather = entry.get("node") == GATHER_NODE
+    if gather and (bits != 8 or name != "token_embd.weight"):
+        raise FormatError(f"{where}: tensor {name} is recorded as an embedding of {bits} bits; only token_embd.weight "
+                          "may be a GatherBlockQuantized table, of 8 bits")
+    _expect(scan, where, inits.get("codes", ""), (n_out, n_in) if gather else (n_out, nb, bs * bits // 8), TP.UINT8)
     _expect(scan, where, inits.get("scales", ""), (n_out, nb), TP.FLOAT16 if sdt == "f16" else TP.FLOAT)
     _expect(scan, where, inits.get("zero_points", ""), (n_out, zp_bytes), TP.UINT8)
     return n_out * (n_in * bits + 16 * nb + 8 * zp_bytes)
 
 
 def _check_nbits_nodes(info: OnnxInfo) -> None:
-    """Each MatMulNBits tensor feeds one ``com.microsoft.MatMulNBits`` node whose attributes match the table."""
+    """Each MatMulNBits tensor feeds one ``com.microsoft.MatMulNBits`` node (an int8 embedding table: one
+    ``GatherBlockQuantized`` node) whose attributes match the table."""
     where = str(info.path)
-    nodes = {n.input[1]: n for n in info.scan.nodes if n.domain == MS_DOMAIN and n.op_type == "MatMulNBits" and len(n.input) > 1}
+    reads = {(n.op_type, n.input[0 if n.op_type == GATHER_NODE else 1]): n for n in info.scan.nodes
+             if n.domain == MS_DOMAIN and len(n.input) > 1}
     for name, entry in info.tensors.items():
         if entry.get("kind") != "nbits":
             continue
-        node = nodes.get(entry["inits"].get("codes"))
+        op = entry.get("node", "MatMulNBits")
+        node = reads.get((op, entry["inits"].get("codes")))
         attrs = {a.name: a.i for a in node.attribute} if node is not None else {}
-        want = {"K": entry["shape"][1], "N": entry["shape"][0], "bits": entry["bits"], "block_size": entry["block_size"]}
+        want = {"bits": entry["bits"], "block_size": entry["block_size"]}
+        want.update({"gather_axis": 0, "quantize_axis": 1} if op == GATHER_NODE else {"K": entry["shape"][1], "N": entry["shape"][0]})
         if any(attrs.get(k) != v for k, v in want.items()):
-            raise FormatError(f"{where}: tensor {name} is not read by a MatMulNBits node with {want} "
+            raise FormatError(f"{where}: tensor {name} is not read by a {op} node with {want} "
                               "(the file is corrupt or was edited; re-export)")
 
 
@@ -298,6 +309,9 @@ class OnnxTensors:
             if not np.array_equal(s16.astype(np.float32), arr["scales"].astype(np.float32)):
                 raise FormatError(f"{self.path}: tensor {name}: its scales are not float16 values (not written by qdllm-export)")
             arr["scales"] = s16
+            if entry.get("node") == GATHER_NODE:  # stored [vocab, d] as GatherBlockQuantized takes it
+                n_out, n_in = entry["shape"]
+                arr["codes"] = arr["codes"].reshape(n_out, n_in // int(entry["block_size"]), -1)
             return NBitsTensor.from_arrays(tuple(entry["shape"]), int(entry["bits"]), int(entry["block_size"]), arr,
                                            name=name, meta=meta)
         n_out = entry["shape"][0]

@@ -21,8 +21,8 @@ from runtime_ref.sampler import DREAM_ALGS, LLADA_REMASKING, sample
 
 PROMPT_LEN = 8  # tokens of the seeded prompt the greedy generations start from
 # accuracy level 4 (int8 activations): measured on the bundled models (int2 / int4 / int8 / auto and
-# binary planes): rel err 0.5-3e-2, argmax agreement >= 0.95 (docs/onnx-format.md section 4b)
-INT8_RTOL = 5e-2
+# binary planes, int8 embeddings and head): rel err 0.5-4e-2, argmax agreement >= 0.95 (docs/onnx-format.md section 4b)
+INT8_RTOL = 1e-1
 INT8_MIN_AGREE = 0.9
 # llama.cpp (--runtime llama.cpp) rounds a matmul's activations to 8 bits (Q8_K / Q8_0) for quantized weights and
 # to f16 for f16 weights; a rounding step flipped by a 1-ulp difference (its SIMD exp / silu) moves the logits

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from formats.tensors import canonical_shape
+from formats.tensors import canonical_shape, is_linear
 
 from formats.errors import QdllmError
 from formats.onnx import OnnxInfo, read_onnx_info
@@ -180,6 +180,10 @@ class OrtBackend:
         ``cumsum(mask) - 1`` for left-padded batches)."""
         return self.session.run(["logits"], self._feed(ids, attn_mask, positions))[0]
 
+    def quantized_names(self) -> list[str]:
+        """Every tensor the file stores quantized (linears, and an int8 embedding table and head)."""
+        return [n for n, e in self.info.tensors.items() if e["kind"] != "float"]
+
     def checkpoint_tensors(self):
         """The file's tensors as stored (a TensorSource; quantized linears bit for bit)."""
         from formats.onnx_read import OnnxTensors
@@ -201,8 +205,9 @@ class OrtBackend:
             if e["kind"] == "float":
                 types[name] = e["dtype"].upper()
             elif e["kind"] == "nbits":
-                types[name] = f"MatMulNBits int{e['bits']} (block {e['block_size']}, {e['scale_dtype']} scales)"
-                nbits[f"int{e['bits']}"] = nbits.get(f"int{e['bits']}", 0) + 1
+                types[name] = f"{e.get('node', 'MatMulNBits')} int{e['bits']} (block {e['block_size']}, {e['scale_dtype']} scales)"
+                if is_linear(hp, name):
+                    nbits[f"int{e['bits']}"] = nbits.get(f"int{e['bits']}", 0) + 1
             else:
                 k = info.planes(name)
                 planes.append(k)

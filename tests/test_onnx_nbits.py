@@ -111,6 +111,29 @@ def test_round_trip_bit_exact(files, tmp_path):
     np.testing.assert_array_equal(OrtBackend(f32).raw_logits(ids), OrtBackend(files[("tiny-dream", 0)]).raw_logits(ids))
 
 
+def test_int8_embeddings_and_head(files, tmp_path):
+    """embed_type int8: token_embd one GatherBlockQuantized node, output one MatMulNBits node (8 bits, blocks of
+    32); read back as NBitsTensors, overlaid by verify, so level 0 stays exact; not counted as linears."""
+    src = files["tiny-dream"]
+    path = write_onnx(tmp_path / "e.onnx", src, accuracy_level=0, embed_type="int8")
+    onnx.checker.check_model(str(path), full_check=True)
+    m = onnx.load(str(path), load_external_data=False)
+    assert [n.op_type for n in m.graph.node if n.domain == "com.microsoft"].count("GatherBlockQuantized") == 1
+    info = read_onnx_info(path)
+    assert info.embed_type == "int8" and info.bits_per_weight == pytest.approx(read_onnx_info(files[("tiny-dream", 0)]).bits_per_weight)
+    back = OnnxTensors(path)
+    for name in ("token_embd.weight", "output.weight"):
+        t = back.get(name)
+        assert isinstance(t, NBitsTensor) and (t.bits, t.block_size) == (8, 32)
+        w = src.get(name)
+        assert np.abs(t.dequantize() - w).max() <= np.abs(w).max() / 200  # 8-bit RTN of the float table
+    be = OrtBackend(path)
+    assert set(be.quantized_names()) >= {"token_embd.weight", "output.weight"}
+    ref = TorchBackend(HFTensors(resolve("tiny-dream")), resolve("tiny-dream"))
+    (rep,) = verify_files(ref, [be], ratios=[0.5], n_seq=2, seq_len=32, seed=0, gen_length=6, rtol=1e-4, min_agree=0.99)
+    assert rep.passed and rep.worst_rel <= 1e-4, rep.failures()
+
+
 def test_stock_session_and_describe(files):
     path = files[("tiny-llada", 4)]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # no options, no plugin
@@ -178,7 +201,7 @@ def test_cli_int4_generate_eval_verify(cli, tmp_path):
     code, text, err = cli("onnx", "tiny-llada", out, "--outtype", "int4", "--method", "rtn", "--block-size", "64", "--json")
     assert code == 0, err
     d = json.loads(text)
-    assert d["nbits_linears"] == {"int4": 28} and d["accuracy_level"] == 4
+    assert d["nbits_linears"] == {"int4": 28} and d["accuracy_level"] == 4 and d["embed_type"] == "int8"
     assert d["qdllm"]["outtype"] == "int4" and d["qdllm"]["block_size"] == 64
     assert d["bits_per_weight_linear"] == pytest.approx(4 + 16 / 64 + 8 * 2 / 256, rel=0.01)  # 256- and 768-column linears
     code, text, err = cli("generate", out, "--prompt-ids", "5,6,7", "--gen-length", "4", "--json")

@@ -26,6 +26,7 @@ KERNELS = ("function", "matmulnbits")
 NBITS_OUTTYPES = ("int2", "int4", "int8", "auto")
 OUTTYPES = ("quantized", *NBITS_OUTTYPES, "f32", "f16")
 NBITS_ACCURACY = 4  # accuracy_level of the int outtypes unless --accuracy-level says otherwise
+NBITS_EMBED = "int8"  # embed type of the int outtypes unless --embed-type says otherwise (docs/onnx-format.md)
 
 
 def _block_size(value: Optional[int]) -> Optional[int]:
@@ -48,7 +49,9 @@ def onnx_(
     block_size: Optional[int] = typer.Option(None, callback=_block_size, help="int2/int4/int8/auto: columns per scale and zero point, 32 (default) | 64 | 128."),
     kernel: str = typer.Option("function", help="quantized: function (1 bit per sign, standard ops) | matmulnbits (com.microsoft.MatMulNBits, 2 bits per sign)."),
     accuracy_level: Optional[int] = typer.Option(None, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (faster, ~1-2% logit error; default for int2/int4/int8/auto), 0 = fp32, exact (default for --kernel matmulnbits)."),
-    embed_type: str = typer.Option(None, callback=checks.one_of("f16", "f32"), help="token_embd / output: f16 (default for quantized) | f32."),
+    embed_type: str = typer.Option(None, callback=checks.one_of("f16", "f32", "int8"),
+                                   help="token_embd / output: f16 (default for quantized, f32, f16) | int8 (default for "
+                                        "int2/int4/int8/auto: 8-bit GatherBlockQuantized / MatMulNBits) | f32."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is a GGUF or ONNX file this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     q: Any = None,
@@ -73,7 +76,7 @@ def onnx_(
     with source as (src, tok, meta):
         level = accuracy_level if accuracy_level is not None else (NBITS_ACCURACY if nbits else 0)
         write_onnx(out, src, outtype="quantized" if nbits else outtype, kernel=kernel, qdllm_meta=meta, overwrite=force,
-                   embed_type=embed_type, accuracy_level=level, tokenizer=tok)
+                   embed_type=embed_type or (NBITS_EMBED if nbits else None), accuracy_level=level, tokenizer=tok)
     info = OrtBackend(out).describe()
     if as_json:
         print(json.dumps({**info, "seconds": time.time() - t0}))
