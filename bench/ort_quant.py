@@ -456,21 +456,22 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def markdown(rows: list[Row], args: dict[str, Any]) -> str:
+def markdown(rows: list[Row], args: dict[str, Any], where: str | None = None) -> str:
     table = md_table(["model", "variant", "block", "bits/weight (linears, stored)", "NLL", "ΔNLL (acc. level 0)", "ΔNLL at level 4"],
                      [[r.model, r.label + (" *" if r.note else ""), r.block_size or "-",
                        "32 (fp32)" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}",
                        f"{r.nll:.4f} ± {r.stderr:.4f}", f"{r.delta:+.4f}",
                        "-" if r.delta_acc4 is None else f"{r.delta_acc4:+.4f}"] for r in rows])
     return ("## onnxruntime's MatMulNBits grid: ours vs onnxruntime's quantizer (`bench/ort_quant.py`)\n\n"
-            f"Machine: {machine()}. Calibration: {args['calib_samples']} MCS windows x {args['calib_seq_len']} tokens of the "
+            f"Machine: {where or machine()}. Calibration: {args['calib_samples']} MCS windows x {args['calib_seq_len']} tokens of the "
             f"bundled train text (ours and onnxruntime's GPTQ alike). Eval: masked-diffusion NLL bound on {args['eval_windows']} "
             f"validation windows x {args['eval_seq_len']} tokens, {args['mc']} masks each, identical for every row; ΔNLL "
             "against our fp32 export (token_embd / output f16 in every file); all files run in onnxruntime at accuracy "
             "level 0 (fp32 compute) unless the column says level 4. Bits per weight: every stored bit of the linears' "
             "codes, scales (ours fp16, onnxruntime's fp32) and zero points. * = onnxruntime stores these weights as "
             "floats (its GPTQ and k-quant write MatMulNBits only at 4 bits); their bits/weight are what MatMulNBits "
-            "would store.\n\n" + table + "\n\n![bits per weight vs ΔNLL](ort_quant.png)")
+            "would store. In the plot, ΔNLL <= 0.001 is drawn at 0.001 (log scale).\n\n" + table +
+            "\n\n![bits per weight vs ΔNLL](ort_quant.png)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -482,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--auto-bpw", nargs="*", type=float, default=[2.5, 3.0])
     ap.add_argument("--auto-block", type=int, default=64)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --json and run only the missing ones")
+    ap.add_argument("--report-only", action="store_true", help="only render --json into docs/benchmarks.md and the PNG")
     ap.add_argument("--no-planes", action="store_true")
     ap.add_argument("--channel-scale", action="store_true", help="also ours with a per-input-channel scale (experiment)")
     ap.add_argument("--device", default="cpu")
@@ -500,14 +502,21 @@ def main(argv: list[str] | None = None) -> None:
     ev = EvalConfig(seq_len=a.eval_seq_len, windows=a.eval_windows, mc=a.mc)
     args = {"calib_samples": a.calib_samples, "calib_seq_len": a.calib_seq_len, "eval_windows": a.eval_windows,
             "eval_seq_len": a.eval_seq_len, "mc": a.mc}
+    if a.report_only:
+        saved = json.loads(a.json.read_text())
+        report([Row(**r) for r in saved["rows"]], saved["settings"], saved["machine"], a.models)
+        return
     old = [Row(**r) for r in json.loads(a.json.read_text())["rows"]] if a.resume and a.json.exists() else []
     rows: list[Row] = [r for r in old if r.variant != "FP"]
     a.json.parent.mkdir(parents=True, exist_ok=True)
+    import onnxruntime as ort
+
+    where = f"{machine()}; onnxruntime {ort.__version__}"
 
     def log(r: Row) -> None:
         print(json.dumps(r.__dict__, default=str), flush=True)
         rows.append(r)
-        a.json.write_text(json.dumps({"machine": machine(), "settings": args, "rows": [x.__dict__ for x in rows]},
+        a.json.write_text(json.dumps({"machine": where, "settings": args, "rows": [x.__dict__ for x in rows]},
                                      indent=1, default=str))
 
     for model in a.models:
@@ -515,11 +524,16 @@ def main(argv: list[str] | None = None) -> None:
         compare(resolve(model), a.work / model, model=model, bits=tuple(a.bits), block_sizes=tuple(a.block_sizes),
                 algos=tuple(a.algos), auto_bpw=tuple(a.auto_bpw), auto_block=a.auto_block, with_planes=not a.no_planes,
                 channel_scale=a.channel_scale, ccfg=ccfg, ev=ev, device=a.device, log=log, skip=done)
-    order = {m: i for i, m in enumerate(a.models)}
-    rows.sort(key=lambda r: (order.get(r.model, 99), r.variant != "FP"))
     if not a.no_doc:
-        plot(rows, DOC_PNG)
-        write_section("ort-quant", markdown(rows, args))
+        report(rows, args, where, a.models)
+
+
+def report(rows: list[Row], args: dict[str, Any], where: str, models: list[str]) -> None:
+    """The PNG and the "ort-quant" section of docs/benchmarks.md, models in ``models`` order, FP first."""
+    order = {m: i for i, m in enumerate(models)}
+    rows = sorted(rows, key=lambda r: (order.get(r.model, 99), r.variant != "FP"))
+    plot(rows, DOC_PNG)
+    write_section("ort-quant", markdown(rows, args, where))
 
 
 if __name__ == "__main__":
