@@ -84,18 +84,16 @@ def onnx_(
         print_closing(info, time.time() - t0)
 
 
-@contextmanager
-def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | None, block_size: int,
-                 q: dict[str, Any]) -> Iterator[tuple[Any, Any, dict]]:
-    """Yields (tensors, tokenizer, qdllm metadata) of MODEL quantized to MatMulNBits linears (a plain
-    checkpoint only; a quantized one is written as stored with --outtype quantized). The quantized
-    checkpoint lives in a temporary folder beside ``out``, removed afterwards."""
-    from formats.checkpoint import QuantizedCheckpoint, is_quantized_checkpoint
+def _checked_spec(model: str, out: Path, force: bool, outtype: str, bpw: float | None, block_size: int,
+                  q: dict[str, Any]) -> tuple[Path, Any, Any]:
+    """(checkpoint folder, NBitsSpec, CalibConfig) of an int outtype, every check done before any work:
+    a plain checkpoint, options that apply, bits the installed onnxruntime runs, widths that fit the block,
+    a reachable ``--bpw``, a writable OUT."""
+    from formats.checkpoint import is_quantized_checkpoint
     from formats.tensors import HFTensors
-    from formats.tokenizer import load_tokenizer
     from qdllm_export.backends import resolve
     from qdllm_export.calib import CalibConfig
-    from qdllm_export.nbits_quant import NBitsSpec, check_block_size, check_budget, quantize_nbits
+    from qdllm_export.nbits_quant import NBitsSpec, check_block_size, check_budget
     from runtime_ref.ort import nbits_support
 
     folder = resolve(model)
@@ -124,6 +122,20 @@ def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
     checks.output_file(out, force, [folder, q.get("calib")])
     ccfg = CalibConfig(path=str(q["calib"]) if q["calib"] else None, n_samples=q["calib_samples"], seq_len=q["seq_len"],
                        mcs=q["mcs"], prefix_ratio=q["prefix_ratio"], seed=q["seed"])
+    return folder, spec, ccfg
+
+
+@contextmanager
+def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | None, block_size: int,
+                 q: dict[str, Any]) -> Iterator[tuple[Any, Any, dict]]:
+    """Yields (tensors, tokenizer, qdllm metadata) of MODEL quantized to MatMulNBits linears (a plain
+    checkpoint only; a quantized one is written as stored with --outtype quantized). The quantized
+    checkpoint lives in a temporary folder beside ``out``, removed afterwards."""
+    from formats.checkpoint import QuantizedCheckpoint
+    from formats.tokenizer import load_tokenizer
+    from qdllm_export.nbits_quant import quantize_nbits
+
+    folder, spec, ccfg = _checked_spec(model, out, force, outtype, bpw, block_size, q)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with progress() as bar:
