@@ -81,7 +81,7 @@ def quantize(
     device: str = typer.Option("cpu", callback=checks.device_option, help="cpu | cuda."),
     seed: int = typer.Option(0, min=0, help="Seed of calibration masks and quantizer."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Calibrate q/k/v, o, gate/up, down in turn, each on inputs from the already-quantized earlier groups (off: the ablation)."),
-    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing input energy (GPTQModel desc_act; implies static groups). Quant-dLLM: the same order inside each block."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing input energy (GPTQModel desc_act; implies static groups)."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: fix every group's scale and zero from the weights before any update."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is a quantized checkpoint this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

@@ -15,7 +15,7 @@ OUTLIER_SCOPES = ("layer", "block")
 COMPENSATIONS = ("exact", "diag")
 METRICS = ("diag", "full")
 ABMP_POOLS = ("block", "group", "linear")
-INBLOCK = ("none", "gptq")
+INBLOCK = ("none", "gptq", "gptq-act")
 
 
 @dataclass
@@ -42,9 +42,9 @@ class QuantConfig:
     outlier_scope: str = "layer"  # mean/std of Z for the 3-sigma rule: whole layer or per block
     compensation: str = "exact"  # block error propagation: exact (Delta U_BB^-1) or diag (BiLLM)
     metric: str = "diag"  # DAQ scale refits: diag (weights A) or full (in-block quadratic form)
-    inblock: str = "none"  # DAQ signs: none (joint elementwise re-rounding) or gptq (column by column with OBS feedback)
+    inblock: str = "gptq-act"  # DAQ signs: none (joint elementwise re-rounding), gptq (column by column with OBS feedback), gptq-act (the same, columns by decreasing H_jj)
     abmp_pool: str = "block"  # ABMP ranks the blocks of: every linear of a transformer block | each true-sequential group | each linear
-    act_order: bool = False  # columns by decreasing H_jj: GPTQ (desc_act, implies static groups); Quant-dLLM inside each block
+    act_order: bool = False  # GPTQ: columns by decreasing H_jj (GPTQModel desc_act; implies static groups)
     static_groups: bool = False  # GPTQ: every group's grid fixed from the weights before any update
     percdamp: float = 0.01
     seed: int = 0

@@ -308,9 +308,9 @@ def block_order(H: torch.Tensor | None, G: int) -> torch.Tensor | None:
 def daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, planes: np.ndarray | None = None, name: str = ""):
     """Quant-dLLM on one weight. Returns ``(QuantizedTensor, W_hat fp32 torch, planes)``.
 
-    With ``cfg.act_order`` the columns of every block are visited by decreasing ``H_jj`` (the weight and
-    ``H`` are permuted inside each block, quantized, and the result permuted back exactly)."""
-    perm = block_order(H.to(W.device), cfg.group_size) if cfg.act_order and H is not None else None
+    With ``cfg.inblock == "gptq-act"`` the columns of every block are visited by decreasing ``H_jj`` (the
+    weight and ``H`` are permuted inside each block, quantized, and the result permuted back exactly)."""
+    perm = block_order(H.to(W.device), cfg.group_size) if cfg.inblock == "gptq-act" and H is not None else None
     if perm is None:
         return _daq_quantize(W, H, cfg, planes, name)
     inv = torch.argsort(perm)
@@ -354,7 +354,7 @@ def _daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, pla
         db = ctx.d[c0:c1] if ctx.d is not None else None
         A = dor_weights(Wb, db, cfg, ctx) if cfg.data_aware else None
         M = block_metric(U[c0:c1, c0:c1]) if cfg.metric == "full" and cfg.data_aware and U is not None else None
-        Ubb = U[c0:c1, c0:c1] if cfg.inblock == "gptq" and U is not None else None
+        Ubb = U[c0:c1, c0:c1] if cfg.inblock != "none" and U is not None else None
         blk = daq_block(Wb, A, int(planes[j]), cfg.iters, fp16=True, name=name, M=M, Ubb=Ubb)
         W_hat[:, c0:c1] = blk.Q
         col.add_block(j, blk.rs, blk.cs, blk.S > 0)
