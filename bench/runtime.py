@@ -14,7 +14,8 @@ in its own subprocess (so RSS is its own):
 * ``...-lut``: the same file with onnxruntime's 2-bit lookup-table kernel (``mlas.use_lut_gemm``).
 
 The int files are written as ``qdllm-export onnx`` writes them: ``token_embd`` / ``output`` 8-bit
-(``int2-b32-f16emb``: f16, the planes files' default); fp32 keeps them in f32. The random embeddings are
+(``int2-b32-f16emb``: f16, the planes files' default), weights in external data that onnxruntime maps
+(``int2-b32-single``: one file); fp32 keeps its tables in f32. The random embeddings are
 f16-representable. The error column compares each file with the NumPy forward (``runtime_ref.forward``)
 of the tensors it stores, so it is the kernel's error alone.
 Prints a markdown table (machine named) and writes JSON::
@@ -56,10 +57,12 @@ class Variant:
     level: int = 0
     lut: bool = False
     embed: str | None = None  # the writer's embed_type (None: its default, f16 for quantized files)
+    external: bool | None = None  # the writer's external_data (None: single file under ~1.8 GB)
 
     @property
     def file(self) -> str:
-        return f"{self.source}-{self.outtype}-{self.kernel}-{self.level}-{self.embed or 'default'}.onnx"
+        ext = "-ext" if self.external else ""
+        return f"{self.source}-{self.outtype}-{self.kernel}-{self.level}-{self.embed or 'default'}{ext}.onnx"
 
 
 VARIANTS: dict[str, Variant] = {
@@ -67,20 +70,21 @@ VARIANTS: dict[str, Variant] = {
     "function": Variant("planes"),
     "matmulnbits-acc0": Variant("planes", kernel="matmulnbits", level=0),
     "matmulnbits-acc4": Variant("planes", kernel="matmulnbits", level=4),
-    # the int outtypes as `qdllm-export onnx` writes them: accuracy level 4, int8 embeddings and head
-    "int2-b32": Variant("int2-b32", level=4, embed="int8"),
-    "int2-b32-lut": Variant("int2-b32", level=4, lut=True, embed="int8"),
-    "int2-b32-acc0": Variant("int2-b32", level=0, embed="int8"),
-    "int2-b32-f16emb": Variant("int2-b32", level=4),
-    "int2-b128": Variant("int2-b128", level=4, embed="int8"),
-    "int2-b128-lut": Variant("int2-b128", level=4, lut=True, embed="int8"),
-    "int4-b32": Variant("int4-b32", level=4, embed="int8"),
-    "int4-b128": Variant("int4-b128", level=4, embed="int8"),
-    "auto-b128": Variant("auto-b128", level=4, embed="int8"),
-    "auto-b128-lut": Variant("auto-b128", level=4, lut=True, embed="int8"),
+    # the int outtypes as `qdllm-export onnx` writes them: accuracy level 4, int8 embeddings and head, external data
+    "int2-b32": Variant("int2-b32", level=4, embed="int8", external=True),
+    "int2-b32-lut": Variant("int2-b32", level=4, lut=True, embed="int8", external=True),
+    "int2-b32-acc0": Variant("int2-b32", level=0, embed="int8", external=True),
+    "int2-b32-f16emb": Variant("int2-b32", level=4, external=True),
+    "int2-b32-single": Variant("int2-b32", level=4, embed="int8"),
+    "int2-b128": Variant("int2-b128", level=4, embed="int8", external=True),
+    "int2-b128-lut": Variant("int2-b128", level=4, lut=True, embed="int8", external=True),
+    "int4-b32": Variant("int4-b32", level=4, embed="int8", external=True),
+    "int4-b128": Variant("int4-b128", level=4, embed="int8", external=True),
+    "auto-b128": Variant("auto-b128", level=4, embed="int8", external=True),
+    "auto-b128-lut": Variant("auto-b128", level=4, lut=True, embed="int8", external=True),
 }
-DEFAULT = ("fp32", "function", "matmulnbits-acc4", "int2-b32", "int2-b32-lut", "int2-b32-f16emb", "int2-b128",
-           "int2-b128-lut", "int4-b32", "int4-b128", "auto-b128", "auto-b128-lut")
+DEFAULT = ("fp32", "function", "matmulnbits-acc4", "int2-b32", "int2-b32-lut", "int2-b32-f16emb", "int2-b32-single",
+           "int2-b128", "int2-b128-lut", "int4-b32", "int4-b128", "auto-b128", "auto-b128-lut")
 
 
 # ------------------------------------------------------------------------------------- random models
@@ -262,7 +266,7 @@ def write_files(hp, variants: list[str], work: Path, canvas: int) -> tuple[dict[
             p = work / spec.file
             if not p.exists():
                 write_onnx(p, src, outtype=spec.outtype, kernel=spec.kernel, accuracy_level=spec.level, overwrite=True,
-                           embed_type=spec.embed, qdllm_meta={"bench": f"random {source}"})
+                           embed_type=spec.embed, external_data=spec.external, qdllm_meta={"bench": f"random {source}"})
                 print(f"  wrote {p.name}: {p.stat().st_size / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             files[v] = p
         del src

@@ -202,6 +202,7 @@ def test_cli_int4_generate_eval_verify(cli, tmp_path):
     assert code == 0, err
     d = json.loads(text)
     assert d["nbits_linears"] == {"int4": 28} and d["accuracy_level"] == 4 and d["embed_type"] == "int8"
+    assert d["external_data"] == ["m.onnx.data"]  # the int outtypes map their weights from a data file
     assert d["qdllm"]["outtype"] == "int4" and d["qdllm"]["block_size"] == 64
     assert d["bits_per_weight_linear"] == pytest.approx(4 + 16 / 64 + 8 * 2 / 256, rel=0.01)  # 256- and 768-column linears
     code, text, err = cli("generate", out, "--prompt-ids", "5,6,7", "--gen-length", "4", "--json")
@@ -221,11 +222,12 @@ def test_cli_auto_mix(cli, tmp_path):
     folder, _, _ = make_checkpoint(tmp_path / "ck", "dream", hp=tiny_hparams("dream", d_model=128, d_ff=256), seed=1)
     out = tmp_path / "a.onnx"
     code, text, err = cli("onnx", folder, out, "--outtype", "auto", "--bpw", "3", "--block-size", "128",
-                          "--calib-samples", "4", "--seq-len", "32", "--accuracy-level", "0", "--json")
+                          "--calib-samples", "4", "--seq-len", "32", "--accuracy-level", "0", "--single-file", "--json")
     assert code == 0, err
     d = json.loads(text)
     assert d["accuracy_level"] == 0 and d["bits_per_weight_linear"] <= 3.0 + 1e-9
     assert {"int2", "int4"} <= set(d["nbits_linears"]) and d["qdllm"]["bpw"] == 3.0
+    assert d["external_data"] == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "ck"]
 
 
 def test_cli_refusals_leave_nothing(cli, tmp_path, monkeypatch):

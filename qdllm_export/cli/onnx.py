@@ -52,6 +52,10 @@ def onnx_(
     embed_type: str = typer.Option(None, callback=checks.one_of("f16", "f32", "int8"),
                                    help="token_embd / output: f16 (default for quantized, f32, f16) | int8 (default for "
                                         "int2/int4/int8/auto: 8-bit GatherBlockQuantized / MatMulNBits) | f32."),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--single-file",
+                                                 help="Weights in OUT.onnx.data beside OUT (onnxruntime maps them: "
+                                                      "less resident memory); default: on for int2/int4/int8/auto, "
+                                                      "else only past ~1.8 GB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is a GGUF or ONNX file this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     q: Any = None,
@@ -76,7 +80,8 @@ def onnx_(
     with source as (src, tok, meta):
         level = accuracy_level if accuracy_level is not None else (NBITS_ACCURACY if nbits else 0)
         write_onnx(out, src, outtype="quantized" if nbits else outtype, kernel=kernel, qdllm_meta=meta, overwrite=force,
-                   embed_type=embed_type or (NBITS_EMBED if nbits else None), accuracy_level=level, tokenizer=tok)
+                   embed_type=embed_type or (NBITS_EMBED if nbits else None), accuracy_level=level, tokenizer=tok,
+                   external_data=external_data if external_data is not None else (True if nbits else None))
     info = OrtBackend(out).describe()
     if as_json:
         print(json.dumps({**info, "seconds": time.time() - t0}))
