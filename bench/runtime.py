@@ -207,6 +207,7 @@ def child(path: str, threads: int, canvas: int, logits_out: str, lut: bool) -> N
             if first:
                 np.save(logits_out, out)
                 first = False
+            del out  # hold no logits between forwards: the peak is one forward's
             print(json.dumps({"t": dt}), flush=True)
         elif line.strip() == "stop":
             break

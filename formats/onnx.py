@@ -38,8 +38,8 @@ from formats.nbits import NBitsTensor, quantize_rtn
 from formats.onnx_graph import (DOMAIN, DOMAIN_VERSION, F_NBITS, F_NBITS_MU, F_PLANE, F_PLANE_MU, IR_VERSION,
                                 MS_DOMAIN, OPSET, Builder, build_forward, io_values, make_function)
 from formats.onnx_proto import TensorStore
-from formats.onnx_read import (FORMAT, FORMAT_VERSION, KERNELS, NBITS_FORMAT_VERSION, NBITS_SCALE_TYPES,  # noqa: F401 (API)
-                               OUTTYPES, OnnxInfo, OnnxTensors, encode_codes, read_onnx_info)
+from formats.onnx_read import (FORMAT, FORMAT_VERSION, GATHER_NODE, KERNELS, NBITS_FORMAT_VERSION,  # noqa: F401 (API)
+                               NBITS_SCALE_TYPES, OUTTYPES, OnnxInfo, OnnxTensors, encode_codes, read_onnx_info)
 from formats.qtensor import QuantizedTensor
 from formats.stored import is_stored, kind_of
 from formats.tokenizer import special_token_ids
@@ -127,10 +127,10 @@ class _Export:
         names = self._add_inits(name, {"codes": t.codes.reshape(n_out, n_in), "scales": t.scales,
                                        "zero_points": t.zero_points})
         sc = b.op("Cast", [names["scales"]], to=TP.FLOAT)
-        x = b.op("GatherBlockQuantized", [names["codes"], ids, sc, names["zero_points"]], domain=MS_DOMAIN,
+        x = b.op(GATHER_NODE, [names["codes"], ids, sc, names["zero_points"]], domain=MS_DOMAIN,
                  gather_axis=0, quantize_axis=1, block_size=t.block_size, bits=t.bits)
         self.ms_ops = True
-        self.table[name] = {"kind": "nbits", "node": "GatherBlockQuantized", "shape": [n_out, n_in], "bits": t.bits,
+        self.table[name] = {"kind": "nbits", "node": GATHER_NODE, "shape": [n_out, n_in], "bits": t.bits,
                             "block_size": t.block_size, "scale_dtype": "f16", "inits": names, "method": _method(t)}
         return x
 

@@ -36,7 +36,7 @@ class NBitsSpec:
 
     outtype: str = "int4"
     bpw: float | None = None
-    block_size: int = 32
+    block_size: int = 128
     rounding: str = "gptq"
 
     def __post_init__(self) -> None:
