@@ -122,6 +122,44 @@ def _chosen(choice: dict[str, str], name: str, n_in: int):
     return grid_for(choice[name], n_in)
 
 
+class StockGridTarget:
+    """``targets.GridTarget`` whose ``gptq`` rounding fits each linear twice, with and without the grid's
+    closed-form refit after rounding, and keeps the fit with the lower output error ``tr(dW H dW^T)``.
+
+    Measured on tiny-llada, q2_k: the refit (a diagonal-importance least-squares fit of the scales to the
+    GPTQ-updated columns) doubled the output error of most attention linears and cost +0.09 nats/token of
+    NLL; on q3_k it helped (docs/benchmarks.md, llama.cpp section). Choosing per linear by the objective the
+    driver minimises keeps the better of the two whatever the type."""
+
+    def __init__(self, base: Any):
+        self.base = base
+        self.cfg, self.kind, self.describe, self.grid_of = base.cfg, base.kind, base.describe, base.grid_of
+
+    @property
+    def needs_data(self) -> bool:
+        return self.base.needs_data
+
+    def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: Any) -> dict[str, Any]:
+        return self.base.plan_block(i, weights, Hs)
+
+    def quantize(self, name: str, W: torch.Tensor, H: Any, plan: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+        from dataclasses import replace
+
+        from qdllm_export.targets import GridTarget
+
+        first = self.base.quantize(name, W, H, plan)
+        if H is None or self.cfg.rounding != "gptq" or not self.cfg.refit:
+            return first
+        other = GridTarget(self.grid_of, replace(self.cfg, refit=False), self.kind, self.describe).quantize(name, W, H, plan)
+        best = min((first, other), key=lambda r: r[2]["rel_output_err"])
+        best[2]["refit"] = best is first
+        best[2]["seconds"] = first[2]["seconds"] + other[2]["seconds"]
+        return best
+
+    def record(self) -> dict[str, Any]:
+        return {**self.base.record(), "refit_choice": "per linear, lower output error"}
+
+
 @dataclass
 class ImatrixTarget:
     """A grid target whose importance is a llama.cpp imatrix (``diag(in_sum2 / counts)`` as ``H``) instead of
@@ -173,7 +211,7 @@ def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, d
         grid_of = partial(_fixed, spec.outtype)
         describe["fallbacks"] = fallbacks(hp, spec.outtype)
     rounding = "importance" if spec.imatrix else spec.rounding
-    target = GridTarget(grid_of, GridConfig(rounding=rounding), kind="ggml", describe=describe)
+    target: Any = StockGridTarget(GridTarget(grid_of, GridConfig(rounding=rounding), kind="ggml", describe=describe))
     if spec.imatrix:
         from formats.imatrix import check_imatrix, read_imatrix
         from qdllm_export.imatrix import model_widths

@@ -67,7 +67,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(np.abs(a - b).max() / np.abs(b).max()), float((a.argmax(-1) == b.argmax(-1)).mean())
 
 
-CASES = [("tiny-llada", t) for t in STOCK_TYPES] + [("tiny-dream", t) for t in FAMILIES.values()]
+CASES = [("tiny-llada", t) for t in STOCK_TYPES] + [("tiny-dream", "iq3_s")]  # llada: Q/K rows permuted; dream: GQA
 
 
 @pytest.mark.parametrize("model,outtype", CASES, ids=[f"{m}-{t}" for m, t in CASES])
@@ -85,8 +85,8 @@ def test_llama_cpp_reads_each_stock_type_as_we_do(tmp_path, model, outtype):
     assert err <= 2e-3 and agree == 1.0
 
 
-@pytest.mark.parametrize("model", ["tiny-llada", "tiny-dream"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("model,family", [("tiny-llada", "k-quant"), ("tiny-dream", "k-quant"), ("tiny-llada", "lattice"),
+                                          ("tiny-dream", "legacy")])
 def test_whole_stock_file_in_llama_cpp(tmp_path, model, family):
     """Every linear in the family's type, token_embd q4_k, output q6_k: a file stock llama.cpp loads, whose
     metadata says the type, with no qdllm tensor; logits within llama.cpp's documented tolerance."""

@@ -79,11 +79,12 @@ def test_runtime_flag_on_verify_eval_generate(q2k, ckpt, cli):
 
 def test_auto_meets_its_budget(ckpt, tmp_path, cli):
     code, out, err = cli("gguf", ckpt, tmp_path / "a.gguf", "--outtype", "auto", "--bpw", "3.0", "--calib-samples", "2",
-                         "--seq-len", "32", "--json")
+                         "--seq-len", "32", "--no-true-sequential", "--json")
     assert code == 0, err
     info = json.loads(out)
     assert 2.3 < info["bits_per_weight_linear"] <= 3.0 + 1e-6
-    assert info["llama_cpp_runs"]
+    assert info["llama_cpp_runs"] and info["qdllm"]["true_sequential"] is False and info["qdllm"]["bpw"] == 3.0
+    assert len(json.loads(info["qdllm"]["type_counts.json"])) >= 2  # a mix
 
 
 @pytest.mark.parametrize("args,needles,usage", [

@@ -1,0 +1,407 @@
+"""llama.cpp benchmark: qdllm's stock-type GGUF files against llama.cpp's own quantizer, NLL from llama.cpp.
+
+    python bench/llamacpp.py [--models tiny-llada tiny-dream] [--work .work/bench-llamacpp] [--report-only]
+
+For each model: an f16 GGUF (the reference and llama.cpp's input); our files at q2_k, iq2_xs, q3_k, q4_k and
+auto at 2.5 / 3.0 bits per weight (MCS calibration, GPTQ rounding onto the ggml grids); llama.cpp's
+``llama_model_quantize`` (through llama-cpp-python) of the f16 file at the same types (its recipes Q2_K,
+IQ2_XS, Q3_K_S, Q4_K_S) without an imatrix, with a plain-text imatrix (``llama-imatrix`` when built under
+``.work/llamacpp``, else ours with ``--no-mcs``) and with our MCS imatrix, all on the same calibration text;
+every file gets token_embd Q4_K and output Q6_K, so only the block linears differ. The binary-plane file
+(Quant-dLLM) runs in the NumPy runtime. NLL: masked-diffusion bound on the bundled validation text with
+identical seeded masks for every file; ΔNLL against the f16 file in the same engine. Speed: one 256-token
+canvas forward in llama.cpp, as a ratio to the f16 file in the same run.
+
+Resumable: every finished measurement is kept in ``docs/results/llamacpp.json``; files are cached in
+``--work``. Writes the section "llamacpp" of docs/benchmarks.md and ``docs/results/llamacpp.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import machine, md_table, write_section  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results" / "llamacpp.json"
+PLOT = ROOT / "docs" / "results" / "llamacpp.png"
+BUILD = ROOT / ".work" / "llamacpp" / "build" / "bin"
+OURS = {"q2_k": ("q2_k", None), "iq2_xs": ("iq2_xs", None), "q3_k": ("q3_k", None), "q4_k": ("q4_k", None),
+        "auto-2.5": ("auto", 2.5), "auto-3.0": ("auto", 3.0)}
+LLAMA = {"q2_k": "Q2_K", "iq2_xs": "IQ2_XS", "q3_k": "Q3_K_S", "q4_k": "Q4_K_S"}  # our type -> llama.cpp's ftype
+IMATRICES = ("none", "plain", "mcs")
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def save(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def _use(results_path: str | None) -> None:
+    global RESULTS
+    if results_path:
+        RESULTS = Path(results_path)
+
+
+# ------------------------------------------------------------------------------------------ files
+def f16_file(model: str, work: Path) -> Path:
+    from formats.gguf import write_gguf
+    from formats.tensors import HFTensors
+    from formats.tokenizer import load_tokenizer
+    from qdllm_export.backends import resolve
+
+    out = work / "f16.gguf"
+    if not out.exists():
+        folder = resolve(model)
+        write_gguf(out, HFTensors(folder), tokenizer=load_tokenizer(folder), outtype="f16", embed_type="f16")
+    return out
+
+
+def imatrices(model: str, work: Path, f16: Path, ccfg) -> dict[str, Path]:
+    """{"mcs": ours, "plain": llama-imatrix's (or ours without MCS)} on the same calibration text."""
+    from dataclasses import replace
+
+    from formats.imatrix import write_imatrix
+    from qdllm_export.backends import resolve
+    from qdllm_export.calib import DEFAULT_CALIB
+    from qdllm_export.imatrix import collect_imatrix
+
+    out = {"mcs": work / "mcs.imatrix.gguf", "plain": work / "plain.imatrix.gguf"}
+    if not out["mcs"].exists():
+        write_imatrix(out["mcs"], collect_imatrix(resolve(model), ccfg))
+    if not out["plain"].exists():
+        tool = BUILD / "llama-imatrix"
+        if tool.exists():
+            n = str(ccfg.seq_len)
+            subprocess.run([str(tool), "-m", str(f16), "-f", str(DEFAULT_CALIB), "-o", str(out["plain"]), "-c", n, "-b", n,
+                            "-ub", n, "--chunks", str(ccfg.n_samples), "-t", str(os.cpu_count() or 2)],
+                           check=True, capture_output=True)
+        else:
+            write_imatrix(out["plain"], collect_imatrix(resolve(model), replace(ccfg, mcs=False)))
+    return out
+
+
+def our_file(model: str, work: Path, key: str, ccfg, sens_cache: dict) -> tuple[Path, float]:
+    """Our stock file for ``key`` (``OURS``); returns (path, quantization seconds)."""
+    import tempfile
+
+    from formats.checkpoint import QuantizedCheckpoint
+    from formats.gguf import write_gguf
+    from formats.tokenizer import load_tokenizer
+    from qdllm_export.backends import resolve
+    from qdllm_export.stock import GridEncoder, StockSpec, auto_sensitivity, quantize_stock
+
+    out = work / f"ours-{key}.gguf"
+    if out.exists():
+        return out, float("nan")
+    outtype, bpw = OURS[key]
+    folder = resolve(model)
+    t0 = time.time()
+    sens = None
+    if outtype == "auto":
+        if "sens" not in sens_cache:
+            sens_cache["sens"] = auto_sensitivity(folder, ccfg)
+        sens = sens_cache["sens"]
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        _, rec = quantize_stock(folder, Path(tmp) / "q", StockSpec(outtype, bpw), ccfg, force=True, sensitivity=sens)
+        write_gguf(out, QuantizedCheckpoint(Path(tmp) / "q"), tokenizer=load_tokenizer(folder), outtype=outtype,
+                   embed_type="q4_k", head_type="q6_k", encoder=GridEncoder(), qdllm_meta={"method": rec["method"]})
+    return out, time.time() - t0
+
+
+def planes_file(model: str, work: Path, ccfg) -> tuple[Path, float]:
+    import tempfile
+
+    from formats.checkpoint import QuantizedCheckpoint
+    from formats.gguf import write_gguf
+    from formats.tokenizer import load_tokenizer
+    from qdllm_export.backends import resolve
+    from qdllm_export.pipeline import quantize_checkpoint
+    from qdllm_export.quant import QuantConfig
+    from qdllm_export.stock import GridEncoder
+
+    out = work / "planes.gguf"
+    if out.exists():
+        return out, float("nan")
+    t0 = time.time()
+    folder = resolve(model)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        quantize_checkpoint(folder, Path(tmp) / "q", QuantConfig(method="quant-dllm", bits=2.0), ccfg, force=True)
+        write_gguf(out, QuantizedCheckpoint(Path(tmp) / "q"), tokenizer=load_tokenizer(folder), outtype="planes",
+                   embed_type="q4_k", head_type="q6_k", encoder=GridEncoder())
+    return out, time.time() - t0
+
+
+def llama_file(work: Path, f16: Path, key: str, imatrix: str, imat_path: Path | None) -> Path | None:
+    """llama.cpp's own quantization of the f16 file (None when llama.cpp refuses: IQ2_XS needs an imatrix)."""
+    import llama_cpp as L
+
+    from formats.imatrix import read_imatrix
+    from runtime_ref.llamacpp import load_llama_cpp
+
+    out = work / f"llama-{key}-{imatrix}.gguf"
+    if out.exists():
+        return out
+    load_llama_cpp()
+    p = L.llama_model_quantize_default_params()
+    p.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{LLAMA[key]}")
+    p.token_embedding_type, p.output_tensor_type = 12, 14  # GGML_TYPE_Q4_K, GGML_TYPE_Q6_K
+    p.nthread = os.cpu_count() or 2
+    keep = []
+    if imat_path is not None:
+        im = read_imatrix(imat_path)
+        arr = (L.llama_model_imatrix_data * (len(im.in_sum2) + 1))()
+        for i, name in enumerate(im.in_sum2):
+            v = np.ascontiguousarray(im.importance(name), dtype=np.float32)
+            keep.append(v)
+            arr[i].name, arr[i].data, arr[i].size = name.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        arr[len(im.in_sum2)].name = None
+        p.imatrix = ctypes.cast(arr, type(p.imatrix))
+        keep.append(arr)
+    rc = L.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(p))
+    if rc != 0:
+        out.unlink(missing_ok=True)
+        return None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def linear_bits(path: Path) -> float:
+    """Stored bits per weight of the block linears of a GGUF file (every byte of their tensors)."""
+    from formats.gguf_read import read_gguf
+    from formats.tensors import canonical_shape, is_linear
+
+    m = read_gguf(path)
+    hp = m.hparams
+    nbytes = weights = 0
+    for name in m.layout:
+        if is_linear(hp, name):
+            nbytes += sum(t.nbytes for n, t in m.infos.items() if n == name or n.startswith(name + ".qdllm."))
+            weights += int(np.prod(canonical_shape(hp, name)))
+    return 8.0 * nbytes / weights
+
+
+def nll(path: Path, runtime: str, windows: np.ndarray, mc: int) -> tuple[float, float]:
+    """Masked-diffusion NLL bound (nats/token) and its standard error, from ``runtime``'s logits."""
+    from runtime_ref.likelihood import masked_nll
+
+    if runtime == "llama.cpp":
+        from runtime_ref.llamacpp import LlamaCppBackend
+
+        be = LlamaCppBackend(path)
+    else:
+        from runtime_ref.gguf_model import GGUFBackend
+
+        be = GGUFBackend(path)
+    res = masked_nll(be.logits, windows, mask_id=be.hparams.mask_token_id, n_mc=mc, seed=0, batch_size=8,
+                     protect_first=be.hparams.spec.shift_logits)
+    return float(res.nll), float(res.stderr)
+
+
+def speed_ratios(f16: Path, files: dict[str, Path], t: int = 256, rounds: int = 7) -> dict[str, float]:
+    """llama.cpp time of one ``t``-token canvas forward of each file as a ratio to the f16 file: the two are
+    timed alternately ``rounds`` times (one thread, after a warm-up) and the median ratio kept, so a change of
+    machine load during the run cancels out."""
+    from runtime_ref.llamacpp import LlamaCppBackend
+
+    ref = LlamaCppBackend(f16, threads=1)
+    ids = np.random.default_rng(0).integers(0, ref.hparams.n_vocab - 1, (1, t))
+
+    def timed(be) -> float:
+        t0 = time.perf_counter()
+        be.raw_logits(ids)
+        return time.perf_counter() - t0
+
+    timed(ref)
+    out = {}
+    for key, path in files.items():
+        be = LlamaCppBackend(path, threads=1)
+        timed(be)
+        out[key] = float(np.median([timed(be) / timed(ref) for _ in range(rounds)]))
+        be.close()
+    return out
+
+
+def run_model(model: str, a: argparse.Namespace, results: dict) -> None:
+    from qdllm_export.calib import CalibConfig
+    from qdllm_export.cli.evaluate import DEFAULT_DATA, text_token_windows
+    from runtime_ref.gguf_model import GGUFBackend
+
+    work = Path(a.work) / model
+    work.mkdir(parents=True, exist_ok=True)
+    ccfg = CalibConfig(n_samples=a.calib_samples, seq_len=a.calib_seq_len)
+    f16 = f16_file(model, work)
+    windows = text_token_windows(GGUFBackend(f16).tokenizer, DEFAULT_DATA, a.eval_seq_len, a.eval_windows)
+    imats = imatrices(model, work, f16, ccfg)
+    sens: dict = {}
+
+    def measure(key: str, label: str, make, runtime: str = "llama.cpp", **info) -> None:
+        rk = f"{model}/{key}"
+        if rk in results:
+            return
+        print(f"[{time.strftime('%H:%M:%S')}] {rk}", flush=True)
+        made = make()
+        path, secs = made if isinstance(made, tuple) else (made, float("nan"))
+        if path is None:
+            results[rk] = {"model": model, "key": key, "label": label, "refused": True, **info}
+        else:
+            v, se = nll(path, runtime, windows, a.mc)
+            results[rk] = {"model": model, "key": key, "label": label, "runtime": runtime, "nll": v, "stderr": se,
+                           "bits_per_weight_linear": linear_bits(path), "size_bytes": path.stat().st_size,
+                           "quantize_seconds": secs, "file": path.name, **info}
+        save(results)
+
+    measure("f16", "f16", lambda: f16, family="f16")
+    measure("f16-numpy", "f16 (NumPy runtime)", lambda: f16, runtime="numpy", family="f16")
+    for key in OURS:
+        measure(f"ours-{key}", f"ours {key}", lambda key=key: our_file(model, work, key, ccfg, sens), family="ours",
+                type=key)
+    for key in LLAMA:
+        for im in IMATRICES:
+            measure(f"llama-{key}-{im}", f"llama.cpp {LLAMA[key]} ({'no' if im == 'none' else im} imatrix)",
+                    lambda key=key, im=im: llama_file(work, f16, key, im, None if im == "none" else imats[im]),
+                    family=f"llama.cpp, {im} imatrix", type=key)
+    measure("planes", "binary planes (Quant-dLLM 2)", lambda: planes_file(model, work, ccfg), runtime="numpy",
+            family="planes")
+    todo = {k: work / r["file"] for k, r in results.items() if r["model"] == model and r.get("runtime") == "llama.cpp"
+            and "speed_vs_f16" not in r}
+    if todo:
+        print(f"[{time.strftime('%H:%M:%S')}] {model}: speed", flush=True)
+        for k, ratio in speed_ratios(f16, todo).items():
+            results[k]["speed_vs_f16"] = ratio
+        save(results)
+
+
+# ------------------------------------------------------------------------------------------ report
+def delta(results: dict, r: dict) -> float:
+    base = results[f"{r['model']}/{'f16-numpy' if r['runtime'] == 'numpy' else 'f16'}"]
+    return r["nll"] - base["nll"]
+
+
+def report(results: dict, models: list[str], load: str) -> None:
+    rows = []
+    order = ["f16", "f16-numpy", *(f"ours-{k}" for k in OURS), *(f"llama-{k}-{im}" for k in LLAMA for im in IMATRICES), "planes"]
+    for model in models:
+        for r in (results[f"{model}/{k}"] for k in order if f"{model}/{k}" in results):
+            if r.get("refused"):
+                rows.append([model, r["label"], "-", "refused (IQ2_XS needs an imatrix)", "-", "-"])
+                continue
+            speed = f"{r['speed_vs_f16']:.2f}" if "speed_vs_f16" in r else "-"
+            rows.append([model, r["label"], f"{r['bits_per_weight_linear']:.3f}", f"{delta(results, r):+.4f}",
+                         f"{r['nll']:.4f} ± {r['stderr']:.4f}", speed])
+    targets = target_lines(results, models)
+    body = ("## llama.cpp: our stock-type GGUF files against llama.cpp's quantizer (`bench/llamacpp.py`)\n\n"
+            f"Machine: {machine()}; load during the run: {load}. NLL: masked-diffusion bound (nats/token) on the bundled "
+            "validation text, identical seeded masks for every file, from llama.cpp's own logits (llama-cpp-python, "
+            "non-causal, whole canvas in one ubatch); the binary-plane file and `f16 (NumPy runtime)` from the NumPy "
+            "runtime. ΔNLL against the f16 file in the same engine. Every file has token_embd Q4_K and output Q6_K, so "
+            "only the block linears differ; bits/weight counts every byte of the linears. llama.cpp's files are "
+            "`llama_model_quantize` of the f16 file with its recipe for the type (Q2_K mixes in Q3_K for attn_v, "
+            "attn_output and ffn_down); `plain` imatrix: `llama-imatrix` on the calibration text, `mcs`: "
+            "`qdllm-export imatrix`. Speed: one 256-token canvas forward in llama.cpp, ratio to the f16 file.\n\n"
+            + md_table(["model", "file", "bits/w linears", "ΔNLL", "NLL", "time vs f16"], rows)
+            + "\n\n![bits per weight vs ΔNLL](results/llamacpp.png)\n\n" + "\n".join(targets) + "\n")
+    print(body)
+    write_section("llamacpp", body)
+    plot(results, models)
+
+
+def target_lines(results: dict, models: list[str]) -> list[str]:
+    out = ["Targets:", ""]
+    for model in models:
+        for key in ("q2_k", "iq2_xs"):
+            ours, theirs = results.get(f"{model}/ours-{key}"), results.get(f"{model}/llama-{key}-plain")
+            if ours and theirs and not theirs.get("refused"):
+                d0, d1 = delta(results, ours), delta(results, theirs)
+                ok = d0 <= d1 / 2
+                out.append(f"- {model} {key}: ours ΔNLL {d0:+.4f} vs llama.cpp with a plain-text imatrix {d1:+.4f}: "
+                           f"{'met' if ok else 'NOT met'} (target: at most half)")
+        ours = results.get(f"{model}/ours-auto-2.5")
+        for im in IMATRICES:
+            theirs = results.get(f"{model}/llama-q2_k-{im}")
+            if ours and theirs:
+                d0, d1 = delta(results, ours), delta(results, theirs)
+                out.append(f"- {model} auto --bpw 2.5 ({ours['bits_per_weight_linear']:.3f} bits/w) ΔNLL {d0:+.4f} vs "
+                           f"llama.cpp's Q2_K recipe ({theirs['bits_per_weight_linear']:.3f} bits/w, "
+                           f"{'no' if im == 'none' else im} imatrix) {d1:+.4f}: {'met' if d0 < d1 else 'NOT met'} (target: lower)")
+    return out
+
+
+def plot(results: dict, models: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    styles = {"ours": ("o-", "C0"), "llama.cpp, none imatrix": ("s--", "C1"), "llama.cpp, plain imatrix": ("^--", "C2"),
+              "llama.cpp, mcs imatrix": ("v--", "C3"), "planes": ("*", "C4")}
+    for ax, model in zip(axes[0], models):
+        for fam, (style, color) in styles.items():
+            pts = sorted((r["bits_per_weight_linear"], delta(results, r)) for r in results.values()
+                         if r["model"] == model and r.get("family") == fam and not r.get("refused"))
+            if pts:
+                x, y = zip(*pts)
+                label = {"ours": "ours (MCS + GPTQ on ggml grids)", "planes": "binary planes (NumPy runtime)",
+                         "llama.cpp, none imatrix": "llama.cpp, no imatrix"}.get(fam, fam)
+                ax.plot(x, y, style, color=color, label=label, markersize=8 if fam == "planes" else 5)
+        ax.set_title(model)
+        ax.set_xlabel("bits per weight (block linears)")
+        ax.set_ylabel("ΔNLL vs f16 (nats/token)")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny-llada", "tiny-dream"])
+    ap.add_argument("--work", default=str(ROOT / ".work" / "bench-llamacpp"))
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--eval-seq-len", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--mc", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="PyTorch threads for quantizing (1: on a busy 2-core machine "
+                    "more threads wait on each other, 20x slower measured); llama.cpp uses every core.")
+    ap.add_argument("--report-only", action="store_true", help="Only rewrite the docs section and plot from the JSON.")
+    ap.add_argument("--results", default=None, help="Results JSON (default docs/results/llamacpp.json); a smoke run "
+                    "with another file writes no docs.")
+    a = ap.parse_args()
+    _use(a.results)
+    if not a.report_only:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    results = load_results()
+    load = f"load average {os.getloadavg()[0]:.1f} at the start"
+    if not a.report_only:
+        for model in a.models:
+            run_model(model, a, results)
+        load += f", {os.getloadavg()[0]:.1f} at the end"
+    if a.results:
+        print(json.dumps(results, indent=1))
+        return
+    report(results, a.models, load)
+
+
+if __name__ == "__main__":
+    main()
