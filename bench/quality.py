@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,7 @@ VARIANTS: dict[str, tuple[dict | None, dict, bool, str]] = {
     "Quant-dLLM-2 inblock=gptq (no act-order)": (dict(QD, inblock="gptq"), {}, True, "objective"),
     "Quant-dLLM-2 inblock=none (joint re-rounding, the previous default)": (dict(QD, inblock="none"), {}, True, "objective"),
     "Quant-dLLM-2 percdamp=0.1": (dict(QD, percdamp=0.1), {}, True, "objective"),
+    "Quant-dLLM-2 DOR outliers off (c=0)": (dict(QD, outlier_weight=0.0), {}, True, "objective"),
     "Quant-dLLM-2 iters=5": (dict(QD, iters=5), {}, True, "objective"),
     "Quant-dLLM-2 iters=30": (dict(QD, iters=30), {}, True, "objective"),
     "Quant-dLLM-2 ABMP score hdiag": (dict(QD, importance="hdiag"), {}, True, "objective"),
@@ -99,12 +100,13 @@ def run_one(model: str, label: str, seed: int, a: argparse.Namespace) -> dict:
 
 
 def _tasks(a: argparse.Namespace, done: set) -> list[tuple[str, str, int]]:
-    out = []
-    for model in a.models:
-        for label in a.variants:
-            for seed in (a.seeds[:1] if label in DETERMINISTIC else a.seeds):
-                if (model, label, seed) not in done:
-                    out.append((model, label, seed))
+    out = []  # the main table first, seed by seed, so a cut-short run still fills whole rows
+    for table in ("main", "objective"):
+        for seed in a.seeds:
+            for label in a.variants:
+                if VARIANTS[label][3] != table or (label in DETERMINISTIC and seed != a.seeds[0]):
+                    continue
+                out += [(m, label, seed) for m in a.models if (m, label, seed) not in done]
     return out
 
 
@@ -188,7 +190,7 @@ def main() -> None:
 
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
         futures = [pool.submit(run_one, m, l, s, a) for m, l, s in tasks]
-        for f in futures:
+        for f in as_completed(futures):
             row = f.result()
             results.append(row)
             print(json.dumps(row), flush=True)

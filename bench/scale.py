@@ -2,6 +2,13 @@
 
     python bench/scale.py --shape llada-8b --device cuda --workdir /tmp/scale --out scale.json
     python bench/scale.py --shape small --device cpu --workdir /tmp/scale-cpu --out scale-cpu.json
+    python bench/scale.py --shape llada-8b --layers 4 --gguf "--outtype q2_k" --device cuda --workdir /tmp/s --out q2k.json
+
+With ``--gguf ARGS`` the child runs ``qdllm-export gguf CHECKPOINT OUT.gguf ARGS`` (a stock llama.cpp file
+from the float checkpoint) instead of ``quantize_checkpoint``. With ``--layers N`` the checkpoint has
+LLaDA-8B's shapes but only ``N`` blocks: the child times every block of every streaming pass (the
+``auto`` sensitivity pass and the quantizing pass), and the result extrapolates wall time and file size
+to the 32 blocks of the real model (each block costs the same: same shapes, one block resident).
 
 Writes an official-layout checkpoint of random bf16 weights (config, names and shapes of LLaDA-8B,
 sharded), then runs ``quantize_checkpoint`` in a child process that reports wall time, peak GPU memory
@@ -86,6 +93,52 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+CHILD_GGUF = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import qdllm_export.pipeline as P
+marks = []
+_load = P._load_block
+def _timed(*a, **k):
+    marks.append(time.time())
+    return _load(*a, **k)
+P._load_block = _timed
+from qdllm_export.cli import main
+src, dst, device, n, L = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+sys.argv = ["qdllm-export", "gguf", src, dst, "--device", device, "--calib-samples", n, "--seq-len", L, "--force"] + sys.argv[7].split()
+t0 = time.time()
+code = 0
+try:
+    main()
+except SystemExit as e:
+    code = e.code or 0
+out = {"seconds": time.time() - t0, "exit": code, "marks": [m - t0 for m in marks],
+       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+       "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def extrapolate(res: dict, n_layers: int, full_layers: int, gguf_path: Path) -> dict:
+    """Wall time and file size of the ``full_layers`` model from a run on ``n_layers`` blocks.
+
+    ``marks``: the times each streaming pass loaded each block (``n_layers`` per pass); a pass's block
+    time is the median gap between its consecutive loads. File size: the measured file plus
+    ``full_layers - n_layers`` times the mean bytes of one block's tensors."""
+    import statistics
+
+    from gguf import GGUFReader
+
+    marks = res["marks"]
+    passes = [marks[p : p + n_layers] for p in range(0, len(marks), n_layers)]
+    per_block = [statistics.median([b - a for a, b in zip(ps, ps[1:])]) for ps in passes if len(ps) > 1]
+    extra = full_layers - n_layers
+    size = gguf_path.stat().st_size
+    blk = sum(int(t.n_bytes) for t in GGUFReader(gguf_path).tensors if t.name.startswith("blk."))
+    return {"passes": len(passes), "block_seconds": per_block, "seconds_full": res["seconds"] + extra * sum(per_block),
+            "file_bytes": size, "file_bytes_full": size + extra * blk / n_layers}
+
+
 def write_doc(results: list[Path]) -> None:
     """The "scale" section of docs/benchmarks.md from result JSON files."""
     rows = []
@@ -115,13 +168,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--layers", type=int, help="Blocks in the checkpoint (default: the shape's own); results are extrapolated.")
+    ap.add_argument("--gguf", help="Run `qdllm-export gguf` with these arguments (e.g. \"--outtype q2_k\").")
     a = ap.parse_args()
     if a.doc:
         write_doc(a.doc)
         return
     if a.workdir is None or a.out is None:
         ap.error("--workdir and --out are required")
-    shape = SHAPES[a.shape]
+    shape = dict(SHAPES[a.shape])
+    full_layers = shape["n_layers"]
+    if a.layers:
+        shape["n_layers"] = a.layers
     mask = 126336 if shape["n_vocab"] == 126464 else shape["n_vocab"] - 1
     hp = HParams(family="llada", rope_theta=500000.0, norm_eps=1e-5, mask_token_id=mask, context_length=4096, **shape)
     ckpt = a.workdir / "ckpt"
@@ -129,13 +187,19 @@ def main() -> None:
     size = write_random_checkpoint(ckpt, hp, "cuda" if a.device.startswith("cuda") else "cpu")
     t_write = time.time() - t0
     print(f"wrote {size / 2**30:.2f} GiB checkpoint in {t_write:.0f} s", flush=True)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ckpt), str(a.workdir / "quantized"), a.device,
-                           str(a.samples), str(a.seq_len)], capture_output=False, text=True, stdout=subprocess.PIPE)
+    dst = a.workdir / ("model.gguf" if a.gguf else "quantized")
+    child = [CHILD_GGUF] if a.gguf else [CHILD]
+    proc = subprocess.run([sys.executable, "-c", *child, str(ROOT), str(ckpt), str(dst), a.device,
+                           str(a.samples), str(a.seq_len)] + ([a.gguf] if a.gguf else []),
+                          capture_output=False, text=True, stdout=subprocess.PIPE)
     print(proc.stdout[-4000:])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not line:
         sys.exit(f"quantization failed with exit code {proc.returncode}")
     res = json.loads(line[-1][7:])
+    if a.gguf:
+        res.update(gguf_args=a.gguf, layers=shape["n_layers"], full_layers=full_layers,
+                   **extrapolate(res, shape["n_layers"], full_layers, dst))
     n_params = sum(int(np.prod(s)) for _, _, s in LLADA.expected(hp).values())
     res.update(shape=a.shape, device=a.device, machine=machine(), n_params=n_params, checkpoint_gb=size / 2**30,
                calibration=f"{a.samples} x {a.seq_len} tokens", write_seconds=t_write)
