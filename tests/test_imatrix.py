@@ -107,7 +107,7 @@ def test_read_imatrix_refuses_other_files(tmp_path):
         read_imatrix(path)
 
 
-@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built (see bench/llamacpp.py)")
+@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built (scripts/build_llama_tools.sh)")
 def test_llama_quantize_accepts_ours_and_its_own_checks(model, tmp_path):
     """llama-quantize loads our imatrix and uses every entry; with an imatrix of other widths it stops; with one
     missing layers (names differ) it quantizes those tensors without importance, silently (why we refuse)."""
