@@ -355,7 +355,8 @@ def render(results: dict[str, dict], mach: dict, a: argparse.Namespace, n_params
         f"{mach['load_avg'][0]:.2f}.",
         f"Model: random LLaDA-shaped, d_model {a.d_model}, {a.layers} layers, {a.heads} heads, d_ff {a.ff}, "
         f"vocab {a.vocab}: {n_params / 1e6:.0f}M parameters, {n_lin / 1e6:.0f}M of them in the quantized linears; "
-        "token_embd / output f16 in quantized files. One forward of a "
+        "token_embd / output f16 in the binary-plane files, int8 in the int files (`-f16emb`: f16), fp32 in fp32; int files "
+        "in external data (`-single`: one file). One forward of a "
         f"{a.canvas}-token canvas, batch 1; median (min) of {a.reps} runs after a warm-up run; each variant in its own "
         "process, all loaded, timed round-robin. max rel err = max|y - y_exact| / max|y_exact| over all logits, "
         "y_exact the NumPy forward of the file's own stored weights.",
