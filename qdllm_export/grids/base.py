@@ -74,12 +74,15 @@ class GridConfig:
     """How a grid is fitted to one linear. ``rounding``: rtn | importance | gptq (see module doc);
     ``importance``: column factor from ``H`` (``hdiag`` = H_jj as llama.cpp's imatrix, ``schur`` =
     diag((U_BB^T U_BB)^-1), the block's Hessian after optimal compensation of later columns);
-    ``refit``: closed-form parameter refit after rounding; ``percdamp``: GPTQ damping."""
+    ``refit``: closed-form parameter refit after rounding; ``percdamp``: GPTQ damping; ``act_order``:
+    inside each block, round the columns by decreasing ``H_jj`` (scalar grids; the block's parameters and
+    layout are unchanged, only the order in which errors are fed forward)."""
 
     rounding: str = "gptq"
     importance: str = "hdiag"
     refit: bool = True
     percdamp: float = 0.01
+    act_order: bool = True  # gptq, scalar grids: round each block's columns by decreasing H_jj
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -128,10 +131,15 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
     W = W.detach().to(torch.float32).clone()
     n_out, n_in = W.shape
     data = H is not None and cfg.rounding != "rtn"
+    H = H.to(W.device) if data else None
+    # act-order: the driver works in block-locally permuted coordinates; the grid sees original columns
+    perm = _block_order(H, grid.block) if data and cfg.rounding == "gptq" and cfg.act_order and grid.unit == 1 else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
     U = None
     if data and (cfg.rounding == "gptq" or cfg.importance == "schur"):
-        U = inverse_hessian_factor(H.to(W.device), W, cfg.percdamp, name)  # zeroes dead columns of W
-    imp = column_factor(H.to(W.device), U, cfg.importance, grid.block) if data else None
+        U = inverse_hessian_factor(H, W, cfg.percdamp, name)  # zeroes dead columns of W
+    imp = column_factor(H, U, cfg.importance, grid.block) if data else None
     if imp is not None:
         imp = imp / imp.mean().clamp_min(1e-30)
     if cfg.rounding != "gptq":
@@ -140,27 +148,43 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
     states = []
     for c0 in range(0, n_in, grid.block):
         c1 = c0 + grid.block
+        lp = None if perm is None else perm[c0:c1] - c0  # position -> original column of the block
+        inv = None if lp is None else torch.argsort(lp)
         W_start = W[:, c0:c1].clone()
-        ib = imp[c0:c1] if imp is not None else None
-        state = grid.init(W_start, ib)
-        T = _round_block(grid, state, W_start, None if U is None else U[c0:c1, c0:c1])
-        Q = grid.refit(state, T, ib, cfg.refit)
-        W_hat[:, c0:c1] = Q
+        orig = W_start if inv is None else W_start[:, inv]
+        ib = imp[c0:c1] if imp is None or inv is None else imp[c0:c1][inv]
+        state = grid.init(orig, ib)
+        T = _round_block(grid, state, W_start, None if U is None else U[c0:c1, c0:c1], lp)
+        Q = grid.refit(state, T if inv is None else T[:, inv], ib, cfg.refit)
+        Qp = Q if lp is None else Q[:, lp]
+        W_hat[:, c0:c1] = Qp
         states.append(state)
         if U is not None and c1 < n_in:
-            Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], W_start - Q, upper=True, left=False)
+            Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], W_start - Qp, upper=True, left=False)
             W[:, c1:] -= Err @ U[c0:c1, c1:]
+    if perm is not None:
+        W_hat = W_hat[:, torch.argsort(perm)]
     return GridResult(stored=grid.pack(states, (n_out, n_in), name), w_hat=W_hat)
 
 
-def _round_block(grid: Grid, state: Any, Wb: torch.Tensor, Ubb: torch.Tensor | None) -> torch.Tensor:
+def _block_order(H: torch.Tensor, block: int) -> torch.Tensor:
+    """Column order with each ``block`` sorted by decreasing ``H_jj`` (blocks stay in place)."""
+    d = torch.diag(H).reshape(-1, block)
+    local = torch.argsort(d, dim=1, descending=True, stable=True)
+    return (local + torch.arange(0, H.shape[0], block, device=H.device)[:, None]).reshape(-1)
+
+
+def _round_block(grid: Grid, state: Any, Wb: torch.Tensor, Ubb: torch.Tensor | None,
+                 cols: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ inside one block: rounds ``grid.unit`` columns at a time; returns the columns as they were
-    when rounded (the targets of the refit). Without ``Ubb`` it is plain rounding."""
+    when rounded (the targets of the refit). Without ``Ubb`` it is plain rounding. ``cols`` (unit 1):
+    the block's original column index of each position (act-order), else positions are columns."""
     W1 = Wb.clone()
     B, u = Wb.shape[1], grid.unit
+    idx = None if cols is None else cols.tolist()
     for c in range(0, B, u):
         w = W1[:, c : c + u]
-        q = grid.round(state, c, w)
+        q = grid.round(state, c if idx is None else idx[c], w)
         if Ubb is not None and c + u < B:
             if u == 1:
                 err = (w - q) / Ubb[c, c]
