@@ -46,6 +46,8 @@ ABLATIONS = {"q2_k-rtn": ("q2_k, --rounding rtn (no data)", {"rounding": "rtn"},
              "q2_k-no-mcs": ("q2_k, --no-mcs (plain calibration text)", {}, {"mcs": False})}
 LLAMA = {"q2_k": "Q2_K", "iq2_xs": "IQ2_XS", "q3_k": "Q3_K_S", "q4_k": "Q4_K_S"}  # our type -> llama.cpp's ftype
 IMATRICES = ("none", "plain", "mcs")
+COMMIT = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                        text=True).stdout.strip()  # the tree each row was measured with
 
 
 def load_results() -> dict:
@@ -272,7 +274,7 @@ def run_model(model: str, a: argparse.Namespace, results: dict) -> None:
             v, se = nll(path, runtime, windows, a.mc)
             results[rk] = {"model": model, "key": key, "label": label, "runtime": runtime, "nll": v, "stderr": se,
                            "bits_per_weight_linear": linear_bits(path), "size_bytes": path.stat().st_size,
-                           "quantize_seconds": secs, "file": path.name, "load": os.getloadavg()[0], **info}
+                           "quantize_seconds": secs, "file": path.name, "load": os.getloadavg()[0], "commit": COMMIT, **info}
         save(results)
 
     measure("f16", "f16", lambda: f16, family="f16")
