@@ -134,3 +134,17 @@ def test_llama_quantize_accepts_ours_and_its_own_checks(model, tmp_path):
     fewer = Imatrix({n: v for n, v in im.in_sum2.items() if not n.startswith("blk.1.")}, im.counts, chunk_count=2, chunk_size=32)
     silent = run(fewer, "fewer")
     assert silent.returncode == 0 and "did not find weights for blk.1." in silent.stdout + silent.stderr
+
+
+def test_imatrix_format_and_llama_cpp_runtime_are_torch_free(tmp_path):
+    import sys
+
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np, formats.imatrix as fi, runtime_ref.llamacpp\n"
+        "im = fi.Imatrix({'output.weight': np.ones((1, 8), np.float32)}, {'output.weight': np.ones(1, np.float32)}, ['t'], 1, 8)\n"
+        f"p = fi.write_imatrix({str(tmp_path / 'a.imatrix.gguf')!r}, im)\n"
+        "print(fi.read_imatrix(p).importance('output.weight').sum())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "8.0", r.stderr
