@@ -152,7 +152,7 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
         inv = None if lp is None else torch.argsort(lp)
         W_start = W[:, c0:c1].clone()
         orig = W_start if inv is None else W_start[:, inv]
-        ib = imp[c0:c1] if imp is None or inv is None else imp[c0:c1][inv]
+        ib = None if imp is None else imp[c0:c1] if inv is None else imp[c0:c1][inv]
         state = grid.init(orig, ib)
         T = _round_block(grid, state, W_start, None if U is None else U[c0:c1, c0:c1], lp)
         Q = grid.refit(state, T if inv is None else T[:, inv], ib, cfg.refit)
