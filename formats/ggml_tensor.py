@@ -270,3 +270,57 @@ def pack_q6_k(q: Any, sc: Any, d: Any) -> np.ndarray:
     qh = _or_shift((u >> 4).reshape(lead + (2, 4, 32)), 2).reshape(lead + (64,))
     scales = _ints(sc, -128, 127, "Q6_K scales").astype(np.int8).view(np.uint8)
     return _cat(ql, qh, scales, _f16(d, "Q6_K d"))
+
+
+# ------------------------------------------------------------------------- lattice types (i-quants)
+def _bytes_of_bits(b: np.ndarray, width: int = 1) -> np.ndarray:
+    """``[..., G, k]`` fields of ``width`` bits -> uint8 ``[..., G]``: field i at bits ``width * i`` of its byte."""
+    return _or_shift(np.swapaxes(b, -1, -2), width)
+
+
+def _signs7(neg: Any, what: str) -> np.ndarray:
+    """Sign bits ``[..., 8 * G]`` (1 = negative) -> the 7-bit ``ksigns`` indices ``[..., G]`` int64; each group
+    of 8 must hold an even number of negatives (ggml's ``ksigns`` table stores the 8th bit as the parity)."""
+    b = _ints(neg, 0, 1, f"{what} sign bits").reshape(np.shape(neg)[:-1] + (-1, 8))
+    if (b.sum(-1) % 2).any():
+        raise QdllmError(f"ggml packing: {what} has a group of 8 with an odd number of negative signs")
+    return (b[..., :7] << np.arange(7)).sum(-1)
+
+
+def pack_iq2_xxs(idx: Any, neg: Any, sc: Any, d: Any) -> np.ndarray:
+    """``idx [..., 32]`` in [0, 255] (iq2xxs_grid), ``neg [..., 256]`` sign bits (even per group of 8),
+    ``sc [..., 8]`` in [0, 15], ``d [...]`` -> ``[..., 66]``."""
+    q = _ints(idx, 0, 255, "IQ2_XXS grid indices").reshape(np.shape(idx)[:-1] + (8, 4))
+    s7 = _signs7(neg, "IQ2_XXS").reshape(q.shape)
+    aux = (s7 << (7 * np.arange(4))).sum(-1) | (_ints(sc, 0, 15, "IQ2_XXS scales") << 28)
+    aux8 = (aux[..., None] >> (8 * np.arange(4))) & 255
+    return _cat(_f16(d, "IQ2_XXS d"), np.concatenate([q, aux8], -1).reshape(q.shape[:-2] + (64,)))
+
+
+def pack_iq2_xs(idx: Any, neg: Any, sc: Any, d: Any) -> np.ndarray:
+    """``idx [..., 32]`` in [0, 511] (iq2xs_grid), ``neg [..., 256]`` sign bits (even per group of 8),
+    ``sc [..., 16]`` in [0, 15], ``d [...]`` -> ``[..., 74]``."""
+    qs = _ints(idx, 0, 511, "IQ2_XS grid indices") | (_signs7(neg, "IQ2_XS") << 9)
+    qs8 = np.stack([qs & 255, qs >> 8], -1).reshape(qs.shape[:-1] + (64,))
+    s = _ints(sc, 0, 15, "IQ2_XS scales")
+    return _cat(_f16(d, "IQ2_XS d"), qs8, s[..., 0::2] | (s[..., 1::2] << 4))
+
+
+def pack_iq2_s(idx: Any, neg: Any, sc: Any, d: Any) -> np.ndarray:
+    """``idx [..., 32]`` in [0, 1023] (iq2s_grid), ``neg [..., 256]`` free sign bits, ``sc [..., 16]`` in
+    [0, 15], ``d [...]`` -> ``[..., 82]``."""
+    q = _ints(idx, 0, 1023, "IQ2_S grid indices")
+    signs = _bytes_of_bits(_ints(neg, 0, 1, "IQ2_S sign bits").reshape(q.shape[:-1] + (32, 8)))
+    qh = _bytes_of_bits((q >> 8).reshape(q.shape[:-1] + (8, 4)), 2)
+    s = _ints(sc, 0, 15, "IQ2_S scales")
+    return _cat(_f16(d, "IQ2_S d"), q & 255, signs, qh, s[..., 0::2] | (s[..., 1::2] << 4))
+
+
+def pack_iq3_s(idx: Any, neg: Any, sc: Any, d: Any) -> np.ndarray:
+    """``idx [..., 64]`` in [0, 511] (iq3s_grid, 4 values each), ``neg [..., 256]`` free sign bits,
+    ``sc [..., 8]`` in [0, 15], ``d [...]`` -> ``[..., 110]``."""
+    q = _ints(idx, 0, 511, "IQ3_S grid indices")
+    qh = _bytes_of_bits((q >> 8).reshape(q.shape[:-1] + (8, 8)))
+    signs = _bytes_of_bits(_ints(neg, 0, 1, "IQ3_S sign bits").reshape(q.shape[:-1] + (32, 8)))
+    s = _ints(sc, 0, 15, "IQ3_S scales")
+    return _cat(_f16(d, "IQ3_S d"), q & 255, qh, signs, s[..., 0::2] | (s[..., 1::2] << 4))

@@ -1,0 +1,251 @@
+"""ggml's lattice types (i-quants) with GPTQ inside the block: one lattice group at a time.
+
+``iq2_xxs``, ``iq2_xs``, ``iq2_s`` and ``iq3_s`` store, per row and 256-column block, an fp16 ``d``, a
+4-bit scale ``s_j`` per sub-block and, per group of ``dim`` columns, an index into a fixed codebook
+``G [E, dim]`` (E8-lattice points with positive coordinates, gguf-py's ``grid`` tables) plus one sign bit
+per column. Element ``i`` of sub-block ``j`` decodes as (float32, ggml's and gguf-py's order)::
+
+    value = (d * mult(s_j)) * G[idx, i] * sign_i      mult(s) = (0.5 + s) * 0.25  (iq2_*)
+                                                      mult(s) = 1 + 2 s          (iq3_s)
+
+``iq2_xxs`` / ``iq2_xs`` store 7 sign bits per group of 8; the 8th is their parity (ggml's ``ksigns``
+table): every group holds an even number of negatives. ``iq2_s`` / ``iq3_s`` store all 8.
+
+``LatticeGrid`` is a driver grid with ``unit = 8`` (one group of 8 columns; two codebook vectors for
+``iq3_s``), so the driver's OBS update moves the block's later columns after every group:
+
+* ``init``: ``d`` and the sub-scales from ggml's own encoding of the block (``libggml.quantize_rows`` with
+  the importance as imatrix), then ``init_steps`` rounds of coordinate descent on the block (nearest points
+  under the scales, then the least-squares refit below);
+* ``round``: per row, the exact nearest codebook point x signs under the importance weights, with the
+  scales fixed, respecting the sign parity (the cheapest single flip when the signs of the targets are odd);
+* ``refit``: ``d`` per row, then each 4-bit sub-scale (floor and ceil of its least-squares value), by
+  weighted least squares with the points fixed; each kept per row / sub-block only where the weighted
+  error on the targets drops; nothing is re-rounded;
+* ``pack``: the exact ggml bytes (``formats.ggml_tensor.pack_iq*``).
+
+All torch, device-agnostic, vectorised over rows (candidate tensors ``[n, E, dim]`` per group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from formats import ggml_tensor as gt
+from formats.ggml_tensor import GGMLTensor
+from qdllm_export.grids import libggml
+
+CHUNK = 1 << 24  # elements of one candidate tensor [rows, groups, E, dim] (64 MB of float32)
+
+
+@dataclass(frozen=True)
+class LatticeSpec:
+    """One lattice type: ``dim`` columns per codebook vector, ``sub`` columns per 4-bit scale, ``parity``:
+    the 8th sign of every group of 8 is implied (even number of negatives); ``half``: mult(s) = (0.5+s)/4
+    (else 1 + 2s)."""
+
+    name: str
+    ggml_type: str
+    dim: int
+    sub: int
+    parity: bool
+    half: bool
+    block: int = 256
+
+    @property
+    def n_sub(self) -> int:
+        return self.block // self.sub
+
+
+SPECS = {s.name: s for s in (
+    LatticeSpec("iq2_xxs", "IQ2_XXS", 8, 32, True, True),
+    LatticeSpec("iq2_xs", "IQ2_XS", 8, 16, True, True),
+    LatticeSpec("iq2_s", "IQ2_S", 8, 16, False, True),
+    LatticeSpec("iq3_s", "IQ3_S", 4, 32, False, False),
+)}
+
+
+@lru_cache(maxsize=None)
+def codebook(ggml_type: str) -> np.ndarray:
+    """gguf-py's codebook of a lattice type: float32 ``[E, dim]`` (the values its decoder multiplies)."""
+    import gguf.quants as q
+
+    cls = getattr(q, ggml_type)
+    cls.init_grid()
+    return np.ascontiguousarray(cls.grid.reshape(cls.grid_shape), dtype=np.float32)
+
+
+@dataclass
+class LatticeState:
+    """One block of every row: ``d [n]`` (fp16 values, >= 0), ``sc [n, S]`` (integers 0..15, float32),
+    ``idx [n, block / dim]`` long codebook indices, ``neg [n, block]`` bool sign bits (True = negative),
+    ``wt [block]`` float32 column weights."""
+
+    d: torch.Tensor
+    sc: torch.Tensor
+    idx: torch.Tensor
+    neg: torch.Tensor
+    wt: torch.Tensor
+    db: torch.Tensor | None = None  # [n, S] d * mult(sc), for round
+
+
+class LatticeGrid:
+    """A lattice type (``SPECS``) as a driver grid, ``unit = 8``; see the module doc."""
+
+    unit = 8
+
+    def __init__(self, name: str, init_steps: int = 2, refit_rounds: int = 2):
+        self.spec = SPECS[name]
+        self.name, self.ggml_type, self.block = name, self.spec.ggml_type, self.spec.block
+        self.type_size = gt.type_info(self.ggml_type)[1]
+        self.init_steps, self.refit_rounds = init_steps, refit_rounds
+        self._cb: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bits_per_weight(self, n_in: int) -> float:
+        return 8.0 * self.type_size / self.block
+
+    def table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codebook ``G [E, dim]`` and ``G^2`` on ``device``."""
+        if device not in self._cb:
+            G = torch.from_numpy(codebook(self.ggml_type)).to(device)
+            self._cb[device] = (G, G * G)
+        return self._cb[device]
+
+    # ------------------------------------------------------------------ stored values
+    def scale(self, d: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        """``d [n] * mult(sc [n, S])`` -> ``[n, S]`` float32, rounded as ggml rounds it."""
+        if self.spec.half:
+            return d[:, None] * (0.5 + sc) * 0.25
+        return d[:, None] * (1.0 + 2.0 * sc)
+
+    def points(self, idx: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Codebook points with signs ``[n, C]`` from ``idx [n, C / dim]`` and ``neg [n, C]``."""
+        G = self.table(idx.device)[0]
+        g = G[idx].reshape(neg.shape)
+        return torch.where(neg, -g, g)
+
+    def values(self, d: torch.Tensor, sc: torch.Tensor, idx: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Stored values ``[n, block]`` float32, ``(d * mult(s)) * G * sign`` in ggml's order."""
+        db = self.scale(d, sc).repeat_interleave(self.spec.sub, dim=1)
+        G = self.table(idx.device)[0]
+        v = db * G[idx].reshape(neg.shape)
+        return torch.where(neg, -v, v)
+
+    # ------------------------------------------------------------------ nearest point
+    def nearest(self, x: torch.Tensor, wt: torch.Tensor, db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted-nearest stored point to each vector of ``x [n, m, dim]`` under per-vector scales
+        ``db [n, m]`` (>= 0) and column weights ``wt [m, dim]``; returns ``idx [n, m]`` long and sign bits
+        ``neg [n, m, dim]`` bool, the parity rule applied per vector (``dim`` = 8 for those types)."""
+        n, m, dim = x.shape
+        E = self.table(x.device)[0].shape[0]
+        step = max(1, CHUNK // max(1, m * E * dim))
+        parts = [self._nearest(x[r : r + step], wt, db[r : r + step]) for r in range(0, n, step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _nearest(self, x: torch.Tensor, wt: torch.Tensor, db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        G, G2 = self.table(x.device)
+        a = wt * x.abs()  # [n, m, dim]
+        b = db[..., None]  # [n, m, 1]
+        # sum_i w_i (|x_i| - b G_ei)^2 without the constant: b^2 sum_i w_i G_ei^2 - 2 b sum_i w_i |x_i| G_ei
+        cost = b * (b * (wt @ G2.T) - 2.0 * (a @ G.T))  # [n, m, E]
+        neg = x < 0
+        if not self.spec.parity:
+            return cost.argmin(-1), neg
+        odd = (neg.sum(-1) % 2 == 1)[..., None]  # [n, m, 1]
+        # flipping the sign of element i costs 4 b w_i |x_i| G_ei: the cheapest flip per candidate
+        flip, which = (a[:, :, None, :] * G).min(-1)  # [n, m, E]
+        idx = (cost + torch.where(odd, 4.0 * b * flip, 0.0)).argmin(-1)
+        i = which.gather(-1, idx[..., None])  # [n, m, 1]
+        hit = torch.arange(x.shape[-1], device=x.device) == i
+        return idx, neg ^ (odd & hit)
+
+    # ------------------------------------------------------------------ driver protocol
+    def init(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> LatticeState:
+        """ggml's ``d`` and sub-scales for ``Wb [n, block]`` float32 (importance ``imp [block]`` as its
+        imatrix), then ``init_steps`` rounds of re-rounding and least-squares refit on the block."""
+        X = Wb.detach().to(torch.float32)
+        wt = torch.ones(self.block, device=X.device) if imp is None else imp.detach().to(X.device, torch.float32)
+        data = libggml.quantize_rows(X.cpu().numpy(), self.ggml_type, None if imp is None else wt.cpu().numpy())
+        d, sc = self.decode_scales(data)
+        st = LatticeState(d.to(X.device), sc.to(X.device), *self._round_all(X, wt, d.to(X.device), sc.to(X.device)), wt)
+        for _ in range(self.init_steps):
+            self._refit(st, X)
+            st.idx, st.neg = self._round_all(X, wt, st.d, st.sc)
+        return st
+
+    def round(self, st: LatticeState, c: int, w: torch.Tensor) -> torch.Tensor:
+        """Stored values ``[n, 8]`` nearest to columns ``c .. c+7`` ``w [n, 8]``; records their codes."""
+        if st.db is None:
+            st.db = self.scale(st.d, st.sc)
+        sp, n = self.spec, w.shape[0]
+        m = self.unit // sp.dim
+        x = w.to(torch.float32).reshape(n, m, sp.dim)
+        db = st.db[:, c // sp.sub, None].expand(n, m)
+        idx, neg = self.nearest(x, st.wt[c : c + self.unit].view(m, sp.dim), db)
+        st.idx[:, c // sp.dim : c // sp.dim + m] = idx
+        st.neg[:, c : c + self.unit] = neg.reshape(n, -1)
+        v = st.db[:, c // sp.sub, None] * self.table(w.device)[0][idx].reshape(n, -1)
+        return torch.where(neg.reshape(n, -1), -v, v)
+
+    def refit(self, st: LatticeState, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
+        st.db = None
+        if refit:
+            self._refit(st, T.detach().to(torch.float32))
+        return self.values(st.d, st.sc, st.idx, st.neg)
+
+    def pack(self, states: list[LatticeState], shape: tuple[int, int], name: str) -> GGMLTensor:
+        def cat(f: str) -> np.ndarray:
+            return torch.stack([getattr(st, f) for st in states], dim=1).cpu().numpy()
+
+        blocks = getattr(gt, f"pack_{self.name}")(cat("idx"), cat("neg").astype(np.int64),
+                                                  cat("sc").astype(np.int64), cat("d"))
+        return gt.from_blocks(blocks, self.ggml_type, name=name)
+
+    # ------------------------------------------------------------------ fitting
+    def decode_scales(self, data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``d [n]`` and sub-scales ``sc [n, S]`` float32 of one block of ggml bytes ``data [n, type_size]``."""
+        sub = libggml.SUBSCALES[self.ggml_type]
+        d = np.ascontiguousarray(data[:, :2]).view(np.float16)[:, 0].astype(np.float32)
+        sc = np.stack([(data[:, o] >> s) & 15 for o, s in zip(sub.offset, sub.shift)], 1).astype(np.float32)
+        return torch.from_numpy(d), torch.from_numpy(sc)
+
+    def _round_all(self, X: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest points of a whole block ``X [n, block]`` under fixed scales -> ``idx``, ``neg [n, block]``."""
+        sp, n = self.spec, X.shape[0]
+        m = self.block // sp.dim
+        db = self.scale(d, sc).repeat_interleave(sp.sub // sp.dim, dim=1)  # [n, m]
+        idx, neg = self.nearest(X.reshape(n, m, sp.dim), wt.view(m, sp.dim), db)
+        return idx, neg.reshape(n, -1)
+
+    def _sub_errors(self, st: LatticeState, d: torch.Tensor, sc: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+        """Weighted error ``[n, S]`` per sub-block of the stored values under ``d``, ``sc`` against ``T``."""
+        e = st.wt * (self.values(d, sc, st.idx, st.neg) - T).square()
+        return e.view(e.shape[0], self.spec.n_sub, self.spec.sub).sum(-1)
+
+    def _refit(self, st: LatticeState, T: torch.Tensor) -> None:
+        """``refit_rounds`` of: least-squares ``d`` per row, then each sub-scale, points fixed; in place,
+        each kept only where the weighted error on ``T [n, block]`` drops."""
+        sp, n = self.spec, T.shape[0]
+        P = self.points(st.idx, st.neg).view(n, sp.n_sub, sp.sub)
+        Tb, w = T.view(n, sp.n_sub, sp.sub), st.wt.view(1, sp.n_sub, sp.sub)
+        spp, spt = (w * P * P).sum(-1), (w * P * Tb).sum(-1)  # [n, S]
+        cur = self._sub_errors(st, st.d, st.sc, T)
+        for _ in range(self.refit_rounds):
+            mult = self.scale(torch.ones_like(st.d), st.sc)
+            saa, sat = (mult * mult * spp).sum(1), (mult * spt).sum(1)
+            d = (sat / saa.clamp_min(1e-30)).clamp(0.0, 65504.0).to(torch.float16).to(torch.float32)
+            err = self._sub_errors(st, d, st.sc, T)
+            better = (err.sum(1) < cur.sum(1)) & (saa > 0) & (d > 0)
+            st.d, cur = torch.where(better, d, st.d), torch.where(better[:, None], err, cur)
+            ok = (spp > 0) & (st.d[:, None] > 0)
+            m = spt / (spp * st.d[:, None]).clamp_min(1e-30)  # least-squares mult(s) per sub-block
+            target = m * 4.0 - 0.5 if sp.half else (m - 1.0) / 2.0
+            for f in (torch.floor, torch.ceil):
+                sc = f(target).clamp(0, 15)
+                err = self._sub_errors(st, st.d, sc, T)
+                keep = (err < cur) & ok
+                st.sc, cur = torch.where(keep, sc, st.sc), torch.where(keep, err, cur)

@@ -1,0 +1,126 @@
+"""Lattice grids with GPTQ inside the block (``qdllm_export.grids.lattice``): our bytes decode (gguf-py and
+ggml) to exactly the weights the driver chose, the nearest-point search is exact (parity included), the fit
+beats ggml's encoder in the same driver, and the registry picks it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from formats import ggml_tensor as gt
+from formats.errors import QdllmError
+from qdllm_export.grids import GridConfig, grid_quantize, libggml
+from qdllm_export.grids.lattice import SPECS, LatticeGrid, codebook
+from qdllm_export.grids.libggml import LibGGMLGrid
+
+pytestmark = pytest.mark.skipif(not libggml.available(), reason="llama-cpp-python (libggml) is not installed")
+TYPES = tuple(SPECS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _weights(n_in: int, seed: int = 0) -> torch.Tensor:
+    """10 rows: random, all-zero, all-positive, all-negative, one outlier, tiny (fp16-subnormal d), half
+    zero, skewed, underflowing, spiky."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(10, n_in, generator=g)
+    W[1] = 0.0
+    W[2] = W[2].abs() + 0.1
+    W[3] = -W[3].abs()
+    W[4, n_in // 3] = 60.0
+    W[5] *= 3e-6
+    W[6, : n_in // 2] = 0.0
+    W[7] = torch.where(W[7] > 0, W[7] * 8, W[7] * 0.1)
+    W[8] *= 1e-9
+    W[9, ::7] *= 20
+    return W
+
+
+def _hessian(n_in: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * n_in, n_in, generator=g) @ (torch.eye(n_in) + 0.2 * torch.randn(n_in, n_in, generator=g) / n_in**0.5)
+    X[:, :: n_in // 8] *= 10
+    X[:, 5] = 0.0
+    return X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_decode_to_the_returned_weights(name):
+    """Both widths, every mode, refit on and off: gguf-py and ggml decode our bytes to w_hat bit for bit
+    (which also proves the sign parity of iq2_xxs / iq2_xs: a wrong 8th bit would decode another sign)."""
+    for n_in, runs in ((256, (("rtn", True), ("importance", True), ("gptq", True), ("gptq", False))),
+                       (768, (("gptq", True),))):
+        W, H = _weights(n_in), _hessian(n_in)
+        for mode, refit in runs:
+            res = grid_quantize(W, H, LatticeGrid(name), GridConfig(rounding=mode, refit=refit), name=f"blk.0.{name}")
+            dq = res.stored.dequantize()
+            assert res.stored.ggml_type == SPECS[name].ggml_type and dq.dtype == np.float32
+            assert np.array_equal(dq.view(np.uint32), res.w_hat.numpy().view(np.uint32)), (name, n_in, mode, refit)
+            assert np.array_equal(libggml.to_float(res.stored.data, res.stored.ggml_type, dq.shape), dq)
+            assert res.stored.bits_per_weight() == LatticeGrid(name).bits_per_weight(n_in)
+            assert not res.w_hat[1].any() and torch.isfinite(res.w_hat).all()
+            if mode != "gptq":  # all-negative / all-positive groups hold an even count of negatives: no flip
+                assert (res.w_hat[3] <= 0).all() and (res.w_hat[2] >= 0).all()
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_nearest_is_the_exact_weighted_nearest_point(name):
+    """``nearest`` against brute force over every codebook entry x every allowed sign pattern."""
+    grid, sp = LatticeGrid(name), SPECS[name]
+    g = torch.Generator().manual_seed(7)
+    n, m = 24, 2
+    x = torch.randn(n, m, sp.dim, generator=g) * torch.rand(n, 1, 1, generator=g) * 3
+    x[0] = 0.0
+    x[1] = -x[1].abs()  # all negative: even or odd count by dim
+    wt = torch.rand(m, sp.dim, generator=g) ** 2
+    wt[0, 1] = 0.0
+    db = torch.rand(n, m, generator=g) * 0.2
+    idx, neg = grid.nearest(x, wt, db)
+    G = torch.from_numpy(codebook(sp.ggml_type))
+    bits = (torch.arange(1 << sp.dim)[:, None] >> torch.arange(sp.dim)) & 1  # [P, dim]
+    if sp.parity:
+        bits = bits[bits.sum(1) % 2 == 0]
+    S = 1.0 - 2.0 * bits.float()
+    pts = (G[:, None, :] * S[None]).reshape(-1, sp.dim)  # every allowed point
+    best = (wt[:, None] * (x[..., None, :] - db[..., None, None] * pts).square()).sum(-1).amin(-1)
+    ours = (wt * (x - db[..., None] * G[idx] * (1.0 - 2.0 * neg.float())).square()).sum(-1)
+    assert torch.allclose(ours, best, rtol=1e-5, atol=1e-7)
+    if sp.parity:
+        assert (neg.sum(-1) % 2 == 0).all()
+
+
+@pytest.mark.parametrize("name", ("iq2_xs", "iq3_s"))
+def test_gptq_inside_the_block_beats_ggml_in_the_driver(name):
+    """Output error tr(D H D^T) of our fit below ggml's encoder in the same driver (gptq, refit), on a
+    layer whose rows are one block: there the ctypes grid compensates nothing."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(64, 256, generator=g) * (0.5 + torch.rand(64, 1, generator=g))
+    H = _hessian(256)
+
+    def err(grid) -> float:
+        D = W - grid_quantize(W, H, grid, GridConfig(rounding="gptq")).w_hat
+        return float(torch.trace(D @ H @ D.T))
+
+    assert err(LatticeGrid(name)) < 0.95 * err(LibGGMLGrid(name.upper(), f"ggml-{name}"))
+
+
+def test_refit_only_lowers_the_weighted_error():
+    W, H = _weights(512), _hessian(512)
+    imp = torch.diag(H) / torch.diag(H).mean()
+    e = {r: float((imp * (W - grid_quantize(W, H, LatticeGrid("iq2_xs"), GridConfig(rounding="importance", refit=r)).w_hat)
+                   ** 2).sum()) for r in (False, True)}
+    assert e[True] <= e[False] * (1 + 1e-6)
+
+
+def test_packer_refuses_odd_parity():
+    neg = np.zeros(256, np.int64)
+    neg[3] = 1
+    with pytest.raises(QdllmError, match="odd number"):
+        gt.pack_iq2_xs(np.zeros(32), neg, np.zeros(16), np.float32(1))
