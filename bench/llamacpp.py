@@ -396,7 +396,12 @@ def note_lines(results: dict, models: list[str]) -> list[str]:
         "run of this benchmark on the same validation text: `gptq` keeps per linear the fit with or without the grid's "
         "closed-form refit that has the lower calibration output error (the refit had doubled the output error of "
         "q2_k's attention linears; q2_k ΔNLL went from +0.26 / +0.19 to the values above). An importance factor "
-        "from the compensated block Hessian (`schur`) was tried and changed nothing measurable.",
+        "from the compensated block Hessian (`schur`) was tried and changed nothing measurable. Our rows record the "
+        "commit they were measured at (`commit` in docs/results/llamacpp.json; `-dirty`: the shared tree held other "
+        "engineers' uncommitted edits, among them act-order inside ggml blocks, committed as 19ac2cd).",
+        "- `auto --bpw 2.5` mixes iq2_xs and q2_k (and some higher types) from sensitivities measured with "
+        "importance-only fits (`qdllm_export.mix`); the final GPTQ fit gains more on q2_k than on iq2_xs, so on "
+        "tiny-llada the mix at 2.50 bits is closer to pure iq2_xs (2.31) than to pure q2_k (2.63).",
     ]
 
 
