@@ -305,88 +305,18 @@ def write_gguf(
         raise QdllmError(f"{path}: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     embed_type = embed_type or ("f32" if outtype == "f32" else "f16")
     embed_types = {"token_embd.weight": embed_type, "output.weight": head_type or embed_type}
-    encoder = encoder or GGUFPyEncoder()
     check_output_path(path, overwrite)
-    hp = source.hparams
-    spec = hp.spec
-    meta = dict(qdllm_meta or {})
-    writer = _Writer(path, source, outtype, embed_types, encoder)
-    names = canonical_names(hp)
+    writer = _Writer(path, source, outtype, embed_types, encoder or GGUFPyEncoder())
+    names = canonical_names(source.hparams)
     planned = {n: writer.plan(n) for n in names}
-    plans = [p for n in names for p in planned[n]]
-    if "group_size" in meta and writer.group_size is not None and int(meta["group_size"]) != writer.group_size:
-        raise QdllmError(f"{path}: qdllm_meta group_size {meta['group_size']} differs from the tensors' {writer.group_size}")
-    group_size = writer.group_size if writer.group_size is not None else meta.get("group_size")
-    linear_types = {n: (PLANES if len(ps) > 1 or ps[0].name != n else ps[0].ggml_type, int(np.prod(canonical_shape(hp, n))))
-                    for n, ps in planned.items() if is_linear(hp, n)}
-    ids = special_token_ids(source, special_ids)
-    vocab = None
-    if tokenizer is not None:
-        vocab = vocab_for_gguf(tokenizer, hp.n_vocab, tokenizer_pre, where=f"{path}: tokenizer")
-    for key, val in ids.items():
-        if not 0 <= val < hp.n_vocab:
-            raise QdllmError(f"{path}: {key} token id {val} is outside the vocabulary of {hp.n_vocab}")
-
+    keys = _file_keys(path, source, writer, planned, dict(qdllm_meta or {}), tokenizer, special_ids, tokenizer_pre)
     g = _gguf()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    w = g.GGUFWriter(str(tmp), spec.name)
+    w = g.GGUFWriter(str(tmp), source.hparams.spec.name)
     try:
-        w.add_name(name or f"{spec.name}-qdllm")
-        w.add_file_type(file_type_of(outtype, linear_types))
-        w.add_quantization_version(g.GGML_QUANT_VERSION)
-        w.add_context_length(hp.context_length)
-        w.add_embedding_length(hp.d_model)
-        w.add_block_count(hp.n_layers)
-        w.add_feed_forward_length(hp.d_ff)
-        w.add_head_count(hp.n_heads)
-        w.add_head_count_kv(hp.n_kv_heads)
-        w.add_key_length(hp.head_dim)
-        w.add_value_length(hp.head_dim)
-        w.add_rope_freq_base(float(hp.rope_theta))
-        w.add_rope_dimension_count(hp.head_dim)
-        w.add_layer_norm_rms_eps(float(hp.norm_eps))
-        w.add_causal_attention(False)
-        w.add_vocab_size(hp.n_vocab)
-        w.add_diffusion_shift_logits(spec.shift_logits)
-        if vocab is not None:
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(vocab.pre)
-            w.add_token_list(vocab.tokens)
-            w.add_token_types(vocab.types)
-            w.add_token_merges(vocab.merges)
-            w.add_add_bos_token(vocab.add_bos)
-            w.add_add_eos_token(vocab.add_eos)
-        else:
-            w.add_tokenizer_model("none")
-        for key in ("bos", "eos", "pad"):
-            if key in ids:
-                getattr(w, f"add_{key}_token_id")(ids[key])
-        w.add_mask_token_id(ids["mask"])
-        w.add_uint32("qdllm.format_version", FORMAT_VERSION)
-        w.add_string("qdllm.outtype", outtype)
-        if group_size is not None:
-            w.add_uint32("qdllm.group_size", int(group_size))
-        for key, val in meta.items():
-            if key not in _RESERVED_META:
-                _add_meta(w, f"qdllm.{key}", val)
-        for p in plans:
-            if p.ggml_type in _NP_TYPE:
-                w.add_tensor_info(p.name, p.shape, np.dtype(_NP_TYPE[p.ggml_type]), p.nbytes,
-                                  raw_dtype=g.GGMLQuantizationType[p.ggml_type])
-            else:
-                w.add_tensor_info(p.name, p.byte_shape(), np.dtype(np.uint8), p.nbytes,
-                                  raw_dtype=g.GGMLQuantizationType[p.ggml_type])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        it = iter(plans)
-        for n in names:
-            for tname, arr in writer.encode(n, planned[n][0]):
-                p = next(it, None)
-                if p is None or p.name != tname or arr.nbytes != p.nbytes:
-                    raise QdllmError(f"{path}: tensor {tname} changed between the two reads of the source "
-                                     "(the source must return the same tensors every time)")
-                w.write_tensor_data(np.ascontiguousarray(arr))
+        w.add_name(name or f"{source.hparams.spec.name}-qdllm")
+        _write_keys(w, source.hparams, keys)
+        _write_tensors(w, path, writer, names, planned)
         w.close()
         os.replace(tmp, path)
     except BaseException:
@@ -394,3 +324,91 @@ def write_gguf(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _file_keys(path: Path, source: TensorSource, writer: "_Writer", planned: dict[str, list["_Plan"]],
+               meta: dict[str, Any], tokenizer: Any, special_ids: dict[str, int] | None,
+               tokenizer_pre: str | None) -> dict[str, Any]:
+    """What the header says besides the hparams: file type, group size, vocabulary, special ids, qdllm keys."""
+    hp = source.hparams
+    if "group_size" in meta and writer.group_size is not None and int(meta["group_size"]) != writer.group_size:
+        raise QdllmError(f"{path}: qdllm_meta group_size {meta['group_size']} differs from the tensors' {writer.group_size}")
+    linear_types = {n: (PLANES if len(ps) > 1 or ps[0].name != n else ps[0].ggml_type, int(np.prod(canonical_shape(hp, n))))
+                    for n, ps in planned.items() if is_linear(hp, n)}
+    ids = special_token_ids(source, special_ids)
+    for key, val in ids.items():
+        if not 0 <= val < hp.n_vocab:
+            raise QdllmError(f"{path}: {key} token id {val} is outside the vocabulary of {hp.n_vocab}")
+    vocab = None if tokenizer is None else vocab_for_gguf(tokenizer, hp.n_vocab, tokenizer_pre, where=f"{path}: tokenizer")
+    return {"file_type": file_type_of(writer.outtype, linear_types), "outtype": writer.outtype, "ids": ids, "vocab": vocab,
+            "group_size": writer.group_size if writer.group_size is not None else meta.get("group_size"), "meta": meta}
+
+
+def _write_keys(w: Any, hp: Any, keys: dict[str, Any]) -> None:
+    """llama.cpp's keys for the architecture, the tokenizer, then the ``qdllm.*`` keys."""
+    g = _gguf()
+    w.add_file_type(keys["file_type"])
+    w.add_quantization_version(g.GGML_QUANT_VERSION)
+    w.add_context_length(hp.context_length)
+    w.add_embedding_length(hp.d_model)
+    w.add_block_count(hp.n_layers)
+    w.add_feed_forward_length(hp.d_ff)
+    w.add_head_count(hp.n_heads)
+    w.add_head_count_kv(hp.n_kv_heads)
+    w.add_key_length(hp.head_dim)
+    w.add_value_length(hp.head_dim)
+    w.add_rope_freq_base(float(hp.rope_theta))
+    w.add_rope_dimension_count(hp.head_dim)
+    w.add_layer_norm_rms_eps(float(hp.norm_eps))
+    w.add_causal_attention(False)
+    w.add_vocab_size(hp.n_vocab)
+    w.add_diffusion_shift_logits(hp.spec.shift_logits)
+    _write_tokenizer(w, keys["vocab"], keys["ids"])
+    w.add_uint32("qdllm.format_version", FORMAT_VERSION)
+    w.add_string("qdllm.outtype", keys["outtype"])
+    if keys["group_size"] is not None:
+        w.add_uint32("qdllm.group_size", int(keys["group_size"]))
+    for key, val in keys["meta"].items():
+        if key not in _RESERVED_META:
+            _add_meta(w, f"qdllm.{key}", val)
+
+
+def _write_tokenizer(w: Any, vocab: Any, ids: dict[str, int]) -> None:
+    if vocab is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.types)
+        w.add_token_merges(vocab.merges)
+        w.add_add_bos_token(vocab.add_bos)
+        w.add_add_eos_token(vocab.add_eos)
+    else:
+        w.add_tokenizer_model("none")
+    for key in ("bos", "eos", "pad"):
+        if key in ids:
+            getattr(w, f"add_{key}_token_id")(ids[key])
+    w.add_mask_token_id(ids["mask"])
+
+
+def _write_tensors(w: Any, path: Path, writer: "_Writer", names: list[str], planned: dict[str, list["_Plan"]]) -> None:
+    """The tensor infos, the header, then each tensor's data, fetched from the source one at a time."""
+    g = _gguf()
+    plans = [p for n in names for p in planned[n]]
+    for p in plans:
+        if p.ggml_type in _NP_TYPE:
+            w.add_tensor_info(p.name, p.shape, np.dtype(_NP_TYPE[p.ggml_type]), p.nbytes,
+                              raw_dtype=g.GGMLQuantizationType[p.ggml_type])
+        else:
+            w.add_tensor_info(p.name, p.byte_shape(), np.dtype(np.uint8), p.nbytes,
+                              raw_dtype=g.GGMLQuantizationType[p.ggml_type])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    it = iter(plans)
+    for n in names:
+        for tname, arr in writer.encode(n, planned[n][0]):
+            p = next(it, None)
+            if p is None or p.name != tname or arr.nbytes != p.nbytes:
+                raise QdllmError(f"{path}: tensor {tname} changed between the two reads of the source "
+                                 "(the source must return the same tensors every time)")
+            w.write_tensor_data(np.ascontiguousarray(arr))
