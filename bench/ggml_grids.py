@@ -4,9 +4,10 @@
 
 The layer: heavy-tailed weights with per-row scales; activations correlated across channels, with a few
 outlier input channels (as LLM activations have), ``H = X^T X / N``. Error: ``tr(D H D^T) / tr(W H W^T)``,
-``D = W - W_hat``. Columns: our encoder (scalar types) in the three rounding modes; llama.cpp's encoder
-(libggml) without imatrix, with the importance ``diag(H)`` as imatrix, and inside our GPTQ driver (block
-compensation, plus the closed-form ``d`` refit for the lattice types). ``--speed N``: seconds of
+``D = W - W_hat``. Columns: our encoder (scalar types; lattice types: ``grids.lattice``,
+GPTQ one group of 8 columns at a time) in the three rounding modes; llama.cpp's encoder (libggml) without
+imatrix, with the importance ``diag(H)`` as imatrix, and inside our GPTQ driver (block compensation, plus
+the closed-form ``d`` and sub-scale refit for the lattice types). ``--speed N``: seconds of
 ``grid_quantize`` (gptq) on an N x N layer.
 """
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from qdllm_export.grids import GridConfig, grid_quantize
-from qdllm_export.grids.ggml import GGML_GRIDS, LATTICE, SPECS
+from qdllm_export.grids.ggml import GGML_GRIDS, LATTICE
+from qdllm_export.grids.lattice import LatticeGrid
 
 TYPES = ("q2_k", "iq2_xxs", "iq2_xs", "iq2_s", "q3_k", "iq3_s", "q4_k", "q5_k", "q6_k", "q8_0")
 
@@ -44,7 +46,8 @@ def rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 
 def fit(W: torch.Tensor, H: torch.Tensor | None, name: str, rounding: str, refit: bool = True) -> tuple[float, torch.Tensor]:
     """Bits per weight and ``W_hat``; checks that the stored bytes decode (gguf-py) to ``W_hat`` exactly."""
-    res = grid_quantize(W, H, GGML_GRIDS[name](), GridConfig(rounding=rounding, refit=refit))
+    grid = LatticeGrid(name.removeprefix("ours-")) if name.startswith("ours-") else GGML_GRIDS[name]()
+    res = grid_quantize(W, H, grid, GridConfig(rounding=rounding, refit=refit))
     if not np.array_equal(res.stored.dequantize(), res.w_hat.cpu().numpy()):
         raise AssertionError(f"{name} {rounding}: the stored bytes do not decode to w_hat")
     return res.stored.bits_per_weight(), res.w_hat
@@ -55,11 +58,11 @@ def table(W: torch.Tensor, H: torch.Tensor, types: list[str]) -> list[str]:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for t in types:
         row: list[str] = [t]
-        ref = t if t in LATTICE else f"ggml-{t}"
+        ref, ours = f"ggml-{t}", f"ours-{t}" if t in LATTICE else t
         bpw = GGML_GRIDS[ref]().bits_per_weight(W.shape[1])
         row.append(f"{bpw:.4g}")
         for mode in ("rtn", "importance", "gptq"):
-            row.append(f"{rel_error(W, fit(W, H, t, mode)[1], H):.5f}" if t in SPECS else "-")
+            row.append(f"{rel_error(W, fit(W, H, ours, mode)[1], H):.5f}")
         for mode, refit in (("rtn", False), ("importance", False), ("importance", True), ("gptq", True)):
             row.append(f"{rel_error(W, fit(W, H, ref, mode, refit)[1], H):.5f}")
         out.append("| " + " | ".join(row) + " |")

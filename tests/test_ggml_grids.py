@@ -109,7 +109,7 @@ def test_our_fit_beats_llama_cpp_encoder(name):
 
 
 @needs_lib
-@pytest.mark.parametrize("name", ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_s", "ggml-q2_k", "ggml-q4_k", "ggml-q8_0"))
+@pytest.mark.parametrize("name", ("ggml-iq2_xxs", "ggml-iq2_xs", "ggml-iq2_s", "ggml-iq3_s", "ggml-q2_k", "ggml-q4_k", "ggml-q8_0"))
 def test_libggml_grid_round_trips(name):
     """ggml's encoder as a grid: the bytes decode (gguf-py and ggml) to w_hat; the d refit only lowers the
     weighted error; re-encoding the decoded weights is stable in value for the k-quants."""

@@ -11,6 +11,7 @@ import torch
 from formats import ggml_tensor as gt
 from formats.errors import QdllmError
 from qdllm_export.grids import GridConfig, grid_quantize, libggml
+from qdllm_export.grids.ggml import GGML_GRIDS, fallback_type, grid_for
 from qdllm_export.grids.lattice import SPECS, LatticeGrid, codebook
 from qdllm_export.grids.libggml import LibGGMLGrid
 
@@ -117,6 +118,13 @@ def test_refit_only_lowers_the_weighted_error():
     e = {r: float((imp * (W - grid_quantize(W, H, LatticeGrid("iq2_xs"), GridConfig(rounding="importance", refit=r)).w_hat)
                    ** 2).sum()) for r in (False, True)}
     assert e[True] <= e[False] * (1 + 1e-6)
+
+
+def test_registry_picks_the_lattice_grid_and_keeps_ggmls():
+    assert isinstance(grid_for("iq2_xs", 512), LatticeGrid)
+    assert isinstance(grid_for("ggml-iq2_xs", 512), LibGGMLGrid) and grid_for("ggml-iq2_xs", 512).name == "ggml-iq2_xs"
+    assert fallback_type("ggml-iq2_xs", 96) == "ggml-iq4_nl"
+    assert all(f"ggml-{t}" in GGML_GRIDS for t in TYPES)
 
 
 def test_packer_refuses_odd_parity():

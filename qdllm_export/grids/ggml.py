@@ -37,6 +37,7 @@ import torch
 from formats import ggml_tensor as gt
 from formats.errors import QdllmError
 from formats.ggml_tensor import GGMLTensor
+from qdllm_export.grids.lattice import LatticeGrid
 from qdllm_export.grids.libggml import LATTICE, LibGGMLGrid
 
 SUB_RATIOS = torch.linspace(0.6, 1.3, 29).tolist()  # symmetric sub-block candidates: max|x| -> ratio * extreme level
@@ -455,13 +456,20 @@ class F16Grid:
 
 
 
-# lowercase type name -> zero-argument Grid factory. Ours: the scalar types (``SPECS``). ggml's own
-# encoder through libggml (llama-cpp-python): the lattice types, and every scalar type as ``ggml-<name>``
-# (llama.cpp's quantizer with our importance as its imatrix: the reference ours are measured against).
+# lattice types whose default grid is ours (``grids.lattice``: GPTQ one lattice group at a time inside the
+# block, scales from ggml's encoding then refitted), kept where it lowered llama.cpp's NLL on both bundled
+# models (docs/benchmarks.md, llama.cpp section); the others are ggml's encoder a whole block at a time.
+OUR_LATTICE = ("iq2_xs",)
+
+# lowercase type name -> zero-argument Grid factory. Ours: the scalar types (``SPECS``) and ``OUR_LATTICE``.
+# ggml's own encoder through libggml (llama-cpp-python): the other lattice types, and every type as
+# ``ggml-<name>`` (llama.cpp's quantizer with our importance as its imatrix: the reference ours are measured against).
 GGML_GRIDS: dict[str, Callable[[], Any]] = {
     **{name: partial(GGMLGrid, spec) for name, spec in SPECS.items()},
-    **{name: partial(LibGGMLGrid, name.upper(), name) for name in LATTICE},
+    **{name: partial(LatticeGrid, name) if name in OUR_LATTICE else partial(LibGGMLGrid, name.upper(), name)
+       for name in LATTICE},
     **{f"ggml-{name}": partial(LibGGMLGrid, spec.ggml_type, f"ggml-{name}") for name, spec in SPECS.items()},
+    **{f"ggml-{name}": partial(LibGGMLGrid, name.upper(), f"ggml-{name}") for name in LATTICE},
 }
 
 # llama.cpp's fallback for a row length its type's block does not divide (llama-quant.cpp,

@@ -25,6 +25,11 @@ table): every group holds an even number of negatives. ``iq2_s`` / ``iq3_s`` sto
 * ``pack``: the exact ggml bytes (``formats.ggml_tensor.pack_iq*``).
 
 All torch, device-agnostic, vectorised over rows (candidate tensors ``[n, E, dim]`` per group).
+
+Registry (``grids.ggml.OUR_LATTICE``): ``grid_for("iq2_xs", n_in)`` is this grid (it lowered llama.cpp's
+ΔNLL of ``--outtype iq2_xs`` and ``auto --bpw 2.5`` on both bundled models against ggml's encoder in the
+same driver, docs/benchmarks.md); ggml's encoder stays reachable as ``ggml-iq2_xs``. The other lattice
+types work here too (tests, ``bench/ggml_grids.py``) but stay on ggml's encoder until measured the same way.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class LatticeGrid:
         self.type_size = gt.type_info(self.ggml_type)[1]
         self.init_steps, self.refit_rounds = init_steps, refit_rounds
         self._cb: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        libggml.type_id(self.ggml_type)  # init needs ggml's encoder: fails early without llama-cpp-python
 
     def bits_per_weight(self, n_in: int) -> float:
         return 8.0 * self.type_size / self.block
