@@ -140,23 +140,46 @@ def extrapolate(res: dict, n_layers: int, full_layers: int, gguf_path: Path) -> 
 
 
 def write_doc(results: list[Path]) -> None:
-    """The "scale" section of docs/benchmarks.md from result JSON files."""
+    """The "scale" (``quantize``) and "scale-gguf" (``gguf --outtype``) sections of docs/benchmarks.md."""
+    runs = [json.loads(p.read_text()) for p in results]
     rows = []
-    for p in results:
-        r = json.loads(p.read_text())
+    for r in [r for r in runs if "gguf_args" not in r]:
         rows.append([r["shape"], f"{r['n_params'] / 1e9:.2f} B", f"{r['checkpoint_gb']:.2f}", r["device"], r["machine"],
                      r["calibration"], f"{r['seconds'] / 60:.1f}",
                      "-" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.1f}", f"{r['peak_rss_gb']:.2f}",
                      f"{r['bits_per_weight_linear']:.3f}", f"{r['block_output_errors'][-1]:.3f}"])
-    body = ("## Scale: streaming quantization (`bench/scale.py`)\n\n"
-            "Quant-dLLM at 2 bits, end to end (MCS calibration, DAQ + ABMP + block compensation, writing the "
-            "quantized checkpoint) on an official-layout LLaDA checkpoint of random bf16 weights written as one shard "
-            "per block. Peak GPU memory is `torch.cuda.max_memory_allocated`; peak host RSS is the quantizing "
-            "process's `ru_maxrss` (GiB). The last column is the relative output error of the last block, "
-            "quantized model vs the float block on the same inputs (random weights: not a quality figure).\n\n"
-            + md_table(["shape", "params", "checkpoint GiB", "device", "machine", "calibration", "minutes",
-                        "peak GPU GiB", "peak RSS GiB", "bits/w linears", "last block err"], rows))
-    write_section("scale", body)
+    if rows:
+        write_section("scale", "## Scale: streaming quantization (`bench/scale.py`)\n\n"
+                      "Quant-dLLM at 2 bits, end to end (MCS calibration, DAQ + ABMP + block compensation, writing the "
+                      "quantized checkpoint) on an official-layout LLaDA checkpoint of random bf16 weights written as one "
+                      "shard per block. Peak GPU memory is `torch.cuda.max_memory_allocated`; peak host RSS is the "
+                      "quantizing process's `ru_maxrss` (GiB). The last column is the relative output error of the last "
+                      "block, quantized model vs the float block on the same inputs (random weights: not a quality "
+                      "figure).\n\n"
+                      + md_table(["shape", "params", "checkpoint GiB", "device", "machine", "calibration", "minutes",
+                                  "peak GPU GiB", "peak RSS GiB", "bits/w linears", "last block err"], rows))
+    gg = [r for r in runs if "gguf_args" in r]
+    if gg:
+        write_section("scale-gguf", _gguf_body(gg))
+
+
+def _gguf_body(runs: list[dict]) -> str:
+    rows = [[f"`{r['gguf_args']}`", r["machine"], r["calibration"], f"{r['layers']} of {r['full_layers']}",
+             f"{r['seconds'] / 60:.1f}", " + ".join(f"{s:.0f}" for s in r["block_seconds"]),
+             f"**{r['seconds_full'] / 60:.0f}**", f"{r['peak_gpu_gb']:.1f}", f"{r['peak_rss_gb']:.2f}",
+             f"{r['file_bytes'] / 1e9:.2f}", f"{r['file_bytes_full'] / 1e9:.2f}"] for r in runs]
+    return ("## Scale: stock llama.cpp files of LLaDA-8B's shapes (`bench/scale.py --gguf`)\n\n"
+            "`qdllm-export gguf CHECKPOINT OUT.gguf ARGS` from a float checkpoint of LLaDA-8B's shapes (random bf16 "
+            "weights, official layout) with fewer blocks than the model's 32 (`--layers N`; the device time did not "
+            "allow 32): every block has the same shapes and only one is resident, so each streaming pass costs the "
+            "same per block. Extrapolated minutes = measured minutes + (32 - N) x the per-block seconds of every "
+            "pass (`auto` makes two passes: MCS sensitivity of every candidate type, then quantizing); extrapolated "
+            "file = measured file + (32 - N) x one block's tensor bytes. Peak GPU memory "
+            "(`torch.cuda.max_memory_allocated`) and peak host RSS (`ru_maxrss`) are measured; they do not grow "
+            "with the number of blocks (one block resident, tensors streamed to the file).\n\n"
+            + md_table(["ARGS", "machine", "calibration", "blocks run", "minutes (run)", "seconds per block, by pass",
+                        "minutes, 32 blocks (extrapolated)", "peak GPU GiB", "peak RSS GiB", "file GB (run)",
+                        "file GB, 32 blocks"], rows))
 
 
 def main() -> None:
