@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -66,3 +67,16 @@ def progress():
     return Progress(TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), Detail(table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
                     console=console_err, transient=False, expand=True)
+
+
+@contextmanager
+def block_progress() -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar over transformer blocks; yields the pipelines' ``on_layer(i, n, what)`` callback."""
+    with progress() as bar:
+        task = bar.add_task("quantizing", total=None)
+
+        def on_layer(i: int, n: int, what: str) -> None:
+            bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}", detail=what)
+
+        yield on_layer
+        bar.update(task, description="done", detail="")

@@ -21,7 +21,7 @@ import typer
 from formats.errors import QdllmError
 from formats.gguf import EMBED_CHOICES, OUTTYPES, PLANES, STOCK_TYPES, canonical_outtype, default_embed_types
 from qdllm_export.cli import checks
-from qdllm_export.cli.app import app, console, progress
+from qdllm_export.cli.app import app, block_progress, console
 from qdllm_export.cli.export import export_source, print_closing, quant_options_given, with_quant_options
 
 NOT_OFFERED = {  # ggml types someone may ask for, and why they are not outtypes
@@ -142,14 +142,8 @@ def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
         stock_target(folder, spec, ccfg)  # refuses an imatrix of another model before any work
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with progress() as bar:
-            task = bar.add_task("quantizing", total=None)
-
-            def on_layer(i: int, n: int, what: str) -> None:
-                bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}", detail=what)
-
+        with block_progress() as on_layer:
             _, rec = quantize_stock(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer)
-            bar.update(task, description="done", detail="")
         meta = {"target": "ggml", "method": rec["method"], "rounding": spec.rounding if not imatrix else "importance",
                 "true_sequential": true_sequential, "bits_per_weight_linear": rec["bits_per_weight_linear"],
                 "calibration": "imatrix" if imatrix else ("mcs" if ccfg.mcs else "plain"),

@@ -19,7 +19,7 @@ import typer
 
 from formats.errors import QdllmError
 from qdllm_export.cli import checks
-from qdllm_export.cli.app import app, progress
+from qdllm_export.cli.app import app, block_progress
 from qdllm_export.cli.export import export_source, print_closing, quant_options_given, with_quant_options
 
 KERNELS = ("function", "matmulnbits")
@@ -146,14 +146,8 @@ def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
     folder, spec, ccfg = _checked_spec(model, out, force, outtype, bpw, block_size, q)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with progress() as bar:
-            task = bar.add_task("quantizing", total=None)
-
-            def on_layer(i: int, n: int, what: str) -> None:
-                bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}", detail=what)
-
+        with block_progress() as on_layer:
             _, rec = quantize_nbits(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer)
-            bar.update(task, description="done", detail="")
         meta = {"target": "nbits", "method": rec["method"], "outtype": outtype, "block_size": block_size,
                 "bits_per_weight_linear": rec["bits_per_weight_linear"], **({"bpw": bpw} if bpw is not None else {})}
         yield QuantizedCheckpoint(tmp / "q"), load_tokenizer(folder), meta

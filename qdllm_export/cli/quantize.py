@@ -11,7 +11,7 @@ from rich.table import Table
 
 from formats.errors import QdllmError
 from qdllm_export.cli import checks
-from qdllm_export.cli.app import app, console, progress
+from qdllm_export.cli.app import app, block_progress, console
 
 METHOD_HELP = "quant-dllm (MCS + DAQ + ABMP) | gptq | rtn."
 CLI_FIELDS = ("method", "bits", "group_size", "abmp", "abmp_ratio", "iters", "seed", "calib_samples", "seq_len",
@@ -42,15 +42,9 @@ def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_s
     except QdllmError as e:  # the configs name their fields; the user typed flags
         raise QdllmError(checks.flag_names(str(e), CLI_FIELDS)) from None
     check_quantizable(folder, group_size)
-    with progress() as bar:
-        task = bar.add_task("quantizing", total=None)
-
-        def on_layer(i: int, n: int, what: str) -> None:
-            bar.update(task, completed=i, total=n, description=f"block {min(i, n - 1)}", detail=what)
-
+    with block_progress() as on_layer:
         result, record = quantize_checkpoint(folder, out_dir, qcfg, ccfg, device=device, force=force, on_layer=on_layer,
                                              true_sequential=true_sequential)
-        bar.update(task, description="done", detail="")
     return result, record
 
 
