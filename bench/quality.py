@@ -7,8 +7,9 @@ the bundled models, over several calibration seeds.
 Every variant of one seed is quantized from the same calibration windows (the seed picks the windows and
 the MCS masks) and evaluated on identical seeded masks of the held-out validation text. Bits per weight
 count every stored bit of the quantized linears; for RTN/GPTQ also their native packing (codes plus an
-fp16 scale and zero per group). Writes docs/quality.json and the ``quality`` section of docs/benchmarks.md
-(``--table main`` or ``--table objective`` picks the rows; ``--no-doc`` writes only the JSON).
+fp16 scale and zero per group). Writes docs/quality.json and the ``quality`` (table "main") and
+``quality-objective`` sections of docs/benchmarks.md (``--no-doc``: only the JSON; ``--report-only``: run
+nothing, rewrite the sections from the JSON).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.report import machine, md_table, write_section  # noqa: E402
 
 QD = dict(method="quant-dllm", bits=2)
+QD1 = dict(QD, outlier_weight=1.0)  # the default before the objective sweep: each "objective" row changes one thing of it
 # label -> (QuantConfig fields, CalibConfig overrides, true_sequential, table)
 VARIANTS: dict[str, tuple[dict | None, dict, bool, str]] = {
     "FP (bf16 weights)": (None, {}, True, "main"),
@@ -41,19 +43,23 @@ VARIANTS: dict[str, tuple[dict | None, dict, bool, str]] = {
     "Quant-dLLM-2 without ABMP": (dict(QD, abmp=False), {}, True, "main"),
     "Quant-dLLM-2 without data-aware weighting": (dict(QD, data_aware=False), {}, True, "main"),
     "Quant-dLLM-2 without true-sequential": (QD, {}, False, "main"),
-    "Quant-dLLM-2 metric=full": (dict(QD, metric="full"), {}, True, "objective"),
-    "Quant-dLLM-2 inblock=gptq (no act-order)": (dict(QD, inblock="gptq"), {}, True, "objective"),
-    "Quant-dLLM-2 inblock=none (joint re-rounding, the previous default)": (dict(QD, inblock="none"), {}, True, "objective"),
-    "Quant-dLLM-2 percdamp=0.1": (dict(QD, percdamp=0.1), {}, True, "objective"),
-    "Quant-dLLM-2 DOR outliers off (c=0)": (dict(QD, outlier_weight=0.0), {}, True, "objective"),
-    "Quant-dLLM-2 iters=5": (dict(QD, iters=5), {}, True, "objective"),
-    "Quant-dLLM-2 iters=30": (dict(QD, iters=30), {}, True, "objective"),
-    "Quant-dLLM-2 ABMP score hdiag": (dict(QD, importance="hdiag"), {}, True, "objective"),
-    "Quant-dLLM-2 ABMP ratio 0.1": (dict(QD, abmp_ratio=0.1), {}, True, "objective"),
-    "Quant-dLLM-2 ABMP pool group": (dict(QD, abmp_pool="group"), {}, True, "objective"),
-    "Quant-dLLM-2 ABMP pool linear": (dict(QD, abmp_pool="linear"), {}, True, "objective"),
+    "Quant-dLLM-2 DOR outliers c=1 (the previous default)": (QD1, {}, True, "objective"),
+    "Quant-dLLM-2 metric=full": (dict(QD1, metric="full"), {}, True, "objective"),
+    "Quant-dLLM-2 inblock=gptq (no act-order)": (dict(QD1, inblock="gptq"), {}, True, "objective"),
+    "Quant-dLLM-2 inblock=none (joint re-rounding, the previous default)": (dict(QD1, inblock="none"), {}, True, "objective"),
+    "Quant-dLLM-2 percdamp=0.1": (dict(QD1, percdamp=0.1), {}, True, "objective"),
+    "Quant-dLLM-2 DOR outliers off (c=0)": (dict(QD1, outlier_weight=0.0), {}, True, "objective"),
+    "Quant-dLLM-2 percdamp=0.1, DOR outliers off (c=0)": (dict(QD1, percdamp=0.1, outlier_weight=0.0), {}, True, "objective"),
+    "Quant-dLLM-2 iters=5": (dict(QD1, iters=5), {}, True, "objective"),
+    "Quant-dLLM-2 iters=30": (dict(QD1, iters=30), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP score hdiag": (dict(QD1, importance="hdiag"), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP ratio 0.1": (dict(QD1, abmp_ratio=0.1), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP pool group": (dict(QD1, abmp_pool="group"), {}, True, "objective"),
+    "Quant-dLLM-2 ABMP pool linear": (dict(QD1, abmp_pool="linear"), {}, True, "objective"),
 }
 DETERMINISTIC = ("FP (bf16 weights)", "RTN-2")  # no calibration data: one seed is every seed
+# rows of another table repeated in a table as its point of comparison (on that table's seeds)
+TABLE_REFERENCE = {"main": ("FP (bf16 weights)",), "objective": ("FP (bf16 weights)",)}
 
 
 def _eval_setup(model: str, device: str, a: argparse.Namespace):
@@ -139,7 +145,7 @@ def _bits(r: dict) -> tuple[str, str]:
 def doc_body(rows: list[dict], a: argparse.Namespace, table: str) -> str:
     lines = []
     for r in rows:
-        if VARIANTS[r["variant"]][3] != table and r["variant"] != "FP (bf16 weights)":
+        if VARIANTS[r["variant"]][3] != table and r["variant"] not in TABLE_REFERENCE[table]:
             continue
         planes, native = _bits(r)
         lines.append([r["model"], r["variant"], planes, native, f"{r['nll']:.4f} ± {r['stderr']:.4f}",
@@ -175,15 +181,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "quality.json")
     ap.add_argument("--no-doc", action="store_true", help="Do not write docs/benchmarks.md.")
     ap.add_argument("--resume", action="store_true", help="Keep the rows already in --json and run only the missing ones.")
+    ap.add_argument("--report-only", action="store_true", help="Run nothing: rewrite the docs sections from --json.")
     a = ap.parse_args()
     if "FP (bf16 weights)" not in a.variants:
         a.variants.insert(0, "FP (bf16 weights)")
-    prev = json.loads(a.json.read_text()) if a.resume and a.json.exists() else {}
+    prev = json.loads(a.json.read_text()) if (a.resume or a.report_only) and a.json.exists() else {}
     results = prev.get("results", [])
     a.machine = prev.get("machine", machine()) if results else machine()
     done = {(r["model"], r["variant"], r["seed"]) for r in results}
-    tasks = _tasks(a, done)
-    settings = {k: v for k, v in vars(a).items() if k not in ("json", "resume", "machine")}
+    tasks = [] if a.report_only else _tasks(a, done)
+    settings = prev.get("settings") if a.report_only else {
+        k: v for k, v in vars(a).items() if k not in ("json", "resume", "report_only", "machine", "variants", "seeds", "no_doc")}
 
     def save() -> None:
         a.json.write_text(json.dumps({"machine": a.machine, "settings": settings, "results": results}, indent=1))
@@ -204,8 +212,13 @@ def main() -> None:
         return
     rows = summarise(results, a.models, list(VARIANTS))
     write_section("quality", "## Quality: validation NLL of the bundled models (`bench/quality.py`)\n\n" + doc_body(rows, a, "main"))
+    obj_seeds = {r["seed"] for r in results if VARIANTS[r["variant"]][3] == "objective"}
+    obj_rows = summarise([r for r in results if r["seed"] in obj_seeds], a.models, list(VARIANTS))
     write_section("quality-objective", "## Quant-dLLM objective choices, by NLL (`bench/quality.py`)\n\n"
-                  + doc_body(rows, a, "objective"))
+                  "Each row changes one setting of the configuration before this sweep (`outlier_weight=1`, the first "
+                  "row); the `c=0` row is today's default (the main table's Quant-dLLM-2). The choices and their paired "
+                  "per-seed differences are in docs/quantizer.md, \"Choices by NLL\".\n\n"
+                  + doc_body(obj_rows, a, "objective"))
 
 
 if __name__ == "__main__":

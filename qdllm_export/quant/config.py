@@ -36,7 +36,7 @@ class QuantConfig:
     data_aware: bool = True
     iters: int = 15
     outlier_sigma: float = 3.0
-    outlier_weight: float = 1.0  # Lambda^2 = 1 + outlier_weight on 3-sigma outliers of Z
+    outlier_weight: float = 0.0  # Lambda^2 = 1 + outlier_weight on 3-sigma outliers of Z (0: chosen by NLL, docs/quantizer.md)
     importance: str = "schur"  # column factor d_j of Z_ij = W_ij^2 d_j (see docs/quantizer.md)
     dor_base: bool = True  # A_ij = d_j (1 + c Pi_ij) instead of (1 + c Pi_ij)
     outlier_scope: str = "layer"  # mean/std of Z for the 3-sigma rule: whole layer or per block
