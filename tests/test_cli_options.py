@@ -69,6 +69,8 @@ CASES = [
     (["quantize", LLADA, "{tmp}/q", "--prefix-ratio", "1"], "--prefix-ratio"),
     (["quantize", LLADA, "{tmp}/q", "--calib", "{tmp}/missing.txt"], "--calib"),
     (["quantize", LLADA, "{tmp}/q", "--abmp-ratio", "0.9"], "--abmp-ratio"),
+    (["quantize", LLADA, "{tmp}/q", "--act-order"], "--act-order is an option of --method gptq"),
+    (["quantize", LLADA, "{tmp}/q", "--method", "rtn", "--static-groups"], "--static-groups is an option of --method gptq"),
     (["gguf", LLADA, "{tmp}/m.gguf", "--outtype", "f16", "--method", "rtn"], "--method: not used with --outtype f16"),
     (["gguf", LLADA, "{tmp}/m.gguf", "--embed-type", "q4"], "--embed-type"),
     (["onnx", LLADA, "{tmp}/m.onnx", "--accuracy-level", "4"], "--accuracy-level: not used with --kernel function"),

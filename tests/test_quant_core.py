@@ -191,6 +191,8 @@ def test_config_roundtrip_and_validation():
         dict(compensation="none"),
         dict(outlier_scope="row"),
         dict(seed=1.5),
+        dict(act_order=True),  # GPTQ's options: quant-dllm orders its columns itself
+        dict(method="rtn", bits=2, static_groups=True),
     ]
     for kw in bad:
         with pytest.raises(QdllmError):

@@ -1,6 +1,6 @@
 """``qdllm-export onnx MODEL OUT.onnx``: an ONNX graph that stock onnxruntime runs with weights kept packed.
 
-Two kinds of quantized linears: binary planes (``--outtype quantized``, qdllm ops) or onnxruntime's own
+Two kinds of quantized linears: binary planes (``--outtype planes``, qdllm ops) or onnxruntime's own
 ``MatMulNBits`` grid (``--outtype int2 | int4 | int8 | auto``, one node per linear, quantized here by
 ``qdllm_export.nbits_quant``).
 """
@@ -24,7 +24,13 @@ from qdllm_export.cli.export import export_source, print_closing, quant_options_
 
 KERNELS = ("function", "matmulnbits")
 NBITS_OUTTYPES = ("int2", "int4", "int8", "auto")
-OUTTYPES = ("quantized", *NBITS_OUTTYPES, "f32", "f16")
+OUTTYPES = ("planes", *NBITS_OUTTYPES, "f32", "f16")
+FILE_OUTTYPE = {"planes": "quantized"}  # the writer's (and the file's qdllm.outtype) name of the binary planes
+
+
+def _outtype(value: str) -> str:
+    """``--outtype`` callback: one of ``OUTTYPES``; ``quantized``, the old name of ``planes``, is accepted."""
+    return checks.one_of(*OUTTYPES)("planes" if value == "quantized" else value)
 NBITS_ACCURACY = 4  # accuracy_level of the int outtypes unless --accuracy-level says otherwise
 NBITS_EMBED = "int8"  # embed type of the int outtypes unless --embed-type says otherwise (docs/onnx-format.md)
 NBITS_BLOCK = 128  # block size of the int outtypes unless --block-size says otherwise (docs/benchmarks.md)
@@ -43,17 +49,17 @@ def _block_size(value: Optional[int]) -> Optional[int]:
 def onnx_(
     model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or tiny-llada / tiny-dream."),
     out: Path = typer.Argument(..., help="Output .onnx path (models over ~1.8 GB get OUT.onnx.data beside it)."),
-    outtype: str = typer.Option("quantized", callback=checks.one_of(*OUTTYPES),
-                                help="quantized (binary planes as qdllm ops) | int2 | int4 | int8 | auto (onnxruntime's "
-                                     "MatMulNBits grid, one node per linear) | f32 | f16."),
+    outtype: str = typer.Option("planes", callback=_outtype,
+                                help="planes (binary planes as qdllm ops; old name: quantized) | int2 | int4 | int8 | auto "
+                                     "(onnxruntime's MatMulNBits grid, one node per linear) | f32 | f16."),
     bpw: Optional[float] = typer.Option(None, min=1.0, max=16.0, help="--outtype auto: budget in stored bits per weight of the linears (scales included), e.g. 2.5."),
     block_size: Optional[int] = typer.Option(None, callback=_block_size, help="int2/int4/int8/auto: columns per scale and zero point, 32 | 64 | 128 (default: "
                                                  "fastest at accuracy level 4 on AVX2, and int2 at 2.15 bits per weight leaves "
                                                  "auto room under --bpw 2.5; 32 loses less)."),
-    kernel: str = typer.Option("function", help="quantized: function (1 bit per sign, standard ops) | matmulnbits (com.microsoft.MatMulNBits, 2 bits per sign)."),
+    kernel: str = typer.Option("function", help="planes: function (1 bit per sign, standard ops) | matmulnbits (com.microsoft.MatMulNBits, 2 bits per sign)."),
     accuracy_level: Optional[int] = typer.Option(None, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (faster, ~1-2% logit error; default for int2/int4/int8/auto), 0 = fp32, exact (default for --kernel matmulnbits)."),
     embed_type: str = typer.Option(None, callback=checks.one_of("f16", "f32", "int8"),
-                                   help="token_embd / output: f16 (default for quantized, f32, f16) | int8 (default for "
+                                   help="token_embd / output: f16 (default for planes, f32, f16) | int8 (default for "
                                         "int2/int4/int8/auto: 8-bit GatherBlockQuantized / MatMulNBits) | f32."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--single-file",
                                                  help="Weights in OUT.onnx.data beside OUT (onnxruntime maps them: "
@@ -75,14 +81,14 @@ def onnx_(
                         "--block-size": block_size is not None and not nbits}, f"with --outtype {outtype}")
     checks.unused_with({"--accuracy-level": accuracy_level is not None and not nbits and kernel != "matmulnbits"},
                        f"with --kernel {kernel} and --outtype {outtype} (no MatMulNBits node reads it)")
-    if outtype != "quantized":
+    if outtype != "planes":
         checks.unused_with({"--kernel": kernel != "function"}, f"with --outtype {outtype} (no binary planes)")
     t0 = time.time()
     source = nbits_source(model, out, force, outtype, bpw, block_size or NBITS_BLOCK, q) if nbits else \
-        export_source(model, out, outtype, force, q)
+        export_source(model, out, FILE_OUTTYPE.get(outtype, outtype), force, q)
     with source as (src, tok, meta):
         level = accuracy_level if accuracy_level is not None else (NBITS_ACCURACY if nbits else 0)
-        write_onnx(out, src, outtype="quantized" if nbits else outtype, kernel=kernel, qdllm_meta=meta, overwrite=force,
+        write_onnx(out, src, outtype="quantized" if nbits else FILE_OUTTYPE.get(outtype, outtype), kernel=kernel, qdllm_meta=meta, overwrite=force,
                    embed_type=embed_type or (NBITS_EMBED if nbits else None), accuracy_level=level, tokenizer=tok,
                    external_data=external_data if external_data is not None else (True if nbits else None))
     info = OrtBackend(out).describe()
@@ -108,7 +114,7 @@ def _checked_spec(model: str, out: Path, force: bool, outtype: str, bpw: float |
     if not folder.is_dir():
         raise QdllmError(f"{folder}: expected a checkpoint folder or a bundled model name")
     if is_quantized_checkpoint(folder):
-        raise QdllmError(f"{folder}: is already quantized; write its tensors as stored with --outtype quantized, "
+        raise QdllmError(f"{folder}: is already quantized; write its tensors as stored with --outtype planes, "
                          f"or pass the float checkpoint for --outtype {outtype}")
     given = quant_options_given(q)
     checks.unused_with({f: given[f] for f in ("--bits", "--group-size")}, f"with --outtype {outtype} (see --bpw, --block-size)")
@@ -137,7 +143,7 @@ def _checked_spec(model: str, out: Path, force: bool, outtype: str, bpw: float |
 def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | None, block_size: int,
                  q: dict[str, Any]) -> Iterator[tuple[Any, Any, dict]]:
     """Yields (tensors, tokenizer, qdllm metadata) of MODEL quantized to MatMulNBits linears (a plain
-    checkpoint only; a quantized one is written as stored with --outtype quantized). The quantized
+    checkpoint only; a quantized one is written as stored with --outtype planes). The quantized
     checkpoint lives in a temporary folder beside ``out``, removed afterwards."""
     from formats.checkpoint import QuantizedCheckpoint
     from formats.tokenizer import load_tokenizer

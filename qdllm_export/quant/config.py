@@ -66,6 +66,11 @@ class QuantConfig:
                 bad(f"bits (mean binary planes per block) must be in [1, {MAX_PLANES}], got {self.bits:g}")
             if not self.abmp and self.bits != int(self.bits):
                 bad(f"bits={self.bits:g} is not an integer; a fractional budget needs abmp on")
+        for f in ("act_order", "static_groups"):
+            if getattr(self, f) is True and self.method != "gptq":
+                bad(f"{f} is an option of method gptq, not {self.method}"
+                    + (" (quant-dllm already visits each block's columns by decreasing H_jj)" if f == "act_order"
+                       and self.method == "quant-dllm" else ""))
         if self.inblock not in INBLOCK:
             bad(f"inblock {self.inblock!r} is not one of {', '.join(INBLOCK)}")
         if self.abmp_pool not in ABMP_POOLS:
