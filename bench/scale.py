@@ -164,9 +164,9 @@ def write_doc(results: list[Path]) -> None:
 
 
 def _gguf_body(runs: list[dict]) -> str:
-    rows = [[f"`{r['gguf_args']}`", r["machine"], r["calibration"], f"{r['layers']} of {r['full_layers']}",
+    rows = [[f"`{r['gguf_args']}`" + (f" ({r['variant']})" if r.get("variant") else ""), r["machine"], r["calibration"], f"{r['layers']} of {r['full_layers']}",
              f"{r['seconds'] / 60:.1f}", " + ".join(f"{s:.0f}" for s in r["block_seconds"]),
-             f"**{r['seconds_full'] / 60:.0f}**", f"{r['peak_gpu_gb']:.1f}", f"{r['peak_rss_gb']:.2f}",
+             f"**{r['seconds_full'] / 60:.1f}**", f"{r['peak_gpu_gb']:.1f}", f"{r['peak_rss_gb']:.2f}",
              f"{r['file_bytes'] / 1e9:.2f}", f"{r['file_bytes_full'] / 1e9:.2f}"] for r in runs]
     return ("## Scale: stock llama.cpp files of LLaDA-8B's shapes (`bench/scale.py --gguf`)\n\n"
             "`qdllm-export gguf CHECKPOINT OUT.gguf ARGS` from a float checkpoint of LLaDA-8B's shapes (random bf16 "
