@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from qdllm_export.grids import GridConfig, grid_quantize
-from qdllm_export.grids.ggml import GGML_GRIDS, LATTICE
+from qdllm_export.grids.libggml import LATTICE
+from qdllm_export.grids.registry import GGML_GRIDS
 from qdllm_export.grids.lattice import LatticeGrid
 
 TYPES = ("q2_k", "iq2_xxs", "iq2_xs", "iq2_s", "q3_k", "iq3_s", "q4_k", "q5_k", "q6_k", "q8_0")

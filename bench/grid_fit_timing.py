@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qdllm_export.grids.base as base  # noqa: E402
 from qdllm_export.grids.base import GridConfig, grid_quantize  # noqa: E402
-from qdllm_export.grids.ggml import grid_for  # noqa: E402
+from qdllm_export.grids.registry import grid_for  # noqa: E402
 
 SHAPES_8B = [(12288, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]  # q/k/v stacked, o, gate/up stacked, down
 SHAPES_CPU = [(512, 512), (256, 1024)]

@@ -5,7 +5,7 @@ drives the grid driver (``qdllm_export.grids``: importance-weighted block fits, 
 ggml blocks) onto one ggml type per linear:
 
 * a fixed type (``STOCK_TYPES``), with llama.cpp's fallback for a row length the type's block does not
-  divide (``grids.ggml.fallback_type``);
+  divide (``grids.registry.fallback_type``);
 * ``auto``: per-tensor types under a bits-per-weight budget from measured MCS sensitivity
   (``qdllm_export.mix``), chosen among ``AUTO_CANDIDATES``;
 * ``imatrix``: a llama.cpp imatrix file as the (diagonal) importance instead of calibrating.
@@ -33,7 +33,7 @@ from formats.tensors import canonical_names, canonical_shape, is_linear
 from qdllm_export.calib import CalibConfig
 from qdllm_export.grids import GridConfig
 from qdllm_export.grids.base import ROUNDINGS
-from qdllm_export.grids.ggml import fallback_type, grid_for
+from qdllm_export.grids.registry import fallback_type, grid_for
 
 # candidates of --outtype auto, by bits per weight: iq2_xs 2.31, iq2_s 2.56, q2_k 2.63, q3_k / iq3_s 3.44,
 # q4_k 4.5, q5_k 5.5, q6_k 6.56, q8_0 8.5
@@ -264,7 +264,7 @@ def _grid_encode(name: str, w: np.ndarray, ggml_type: str, imp: np.ndarray | Non
     """qdllm's grid fit of ``w`` float32 ``[n, k]`` (rows are independent: done ``rows`` at a time)."""
     from formats.ggml_tensor import GGMLTensor
     from qdllm_export.grids.base import grid_quantize
-    from qdllm_export.grids.ggml import GGML_GRIDS
+    from qdllm_export.grids.registry import GGML_GRIDS
 
     grid = GGML_GRIDS[ggml_type.lower()]()
     cfg = GridConfig(rounding="rtn" if imp is None else "importance")

@@ -13,7 +13,8 @@ from formats.errors import QdllmError
 from formats.ggml_tensor import GGMLTensor
 from qdllm_export.grids import GridConfig, grid_quantize
 from qdllm_export.grids import libggml
-from qdllm_export.grids.ggml import GGML_GRIDS, SPECS, fallback_type, grid_for
+from qdllm_export.grids.ggml import SPECS
+from qdllm_export.grids.registry import GGML_GRIDS, fallback_type, grid_for
 
 needs_lib = pytest.mark.skipif(not libggml.available(), reason="llama-cpp-python (libggml) is not installed")
 SCALAR = tuple(SPECS)

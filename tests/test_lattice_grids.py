@@ -11,7 +11,7 @@ import torch
 from formats import ggml_tensor as gt
 from formats.errors import QdllmError
 from qdllm_export.grids import GridConfig, grid_quantize, libggml
-from qdllm_export.grids.ggml import GGML_GRIDS, fallback_type, grid_for
+from qdllm_export.grids.registry import GGML_GRIDS, fallback_type, grid_for
 from qdllm_export.grids.lattice import SPECS, LatticeGrid, codebook
 from qdllm_export.grids.libggml import LibGGMLGrid
 

@@ -26,7 +26,7 @@ table): every group holds an even number of negatives. ``iq2_s`` / ``iq3_s`` sto
 
 All torch, device-agnostic, vectorised over rows (candidate tensors ``[n, E, dim]`` per group).
 
-Registry (``grids.ggml.OUR_LATTICE``): ``grid_for("iq2_xs", n_in)`` is this grid (it lowered llama.cpp's
+Registry (``grids.registry.OUR_LATTICE``): ``grid_for("iq2_xs", n_in)`` is this grid (it lowered llama.cpp's
 ΔNLL of ``--outtype iq2_xs`` and ``auto --bpw 2.5`` on both bundled models against ggml's encoder in the
 same driver, docs/benchmarks.md); ggml's encoder stays reachable as ``ggml-iq2_xs``. The other lattice
 types work here too (tests, ``bench/ggml_grids.py``) but stay on ggml's encoder until measured the same way.

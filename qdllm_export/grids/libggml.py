@@ -7,7 +7,7 @@ importance per input column); ``to_float`` is ggml's own decoder (``ggml_get_typ
 ``LibGGMLGrid`` wraps it as a driver grid with ``unit = block`` (256 for the k- and i-quants): ggml
 quantizes the whole block with our column importance as its imatrix, the driver compensates the later
 blocks only (nothing inside a block). It is the default grid of the lattice types not in
-``grids.ggml.OUR_LATTICE`` (``iq2_xxs``, ``iq2_s``, ``iq3_s``; ``iq2_xs`` is ``grids.lattice``'s, GPTQ
+``grids.registry.OUR_LATTICE`` (``iq2_xxs``, ``iq2_s``, ``iq3_s``; ``iq2_xs`` is ``grids.lattice``'s, GPTQ
 one group of 8 columns at a time), and as ``ggml-<type>`` the reference for every type (``ggml-q2_k``,
 ``ggml-iq2_xs``, ...) to measure our own encoders against. For the lattice types ``refit`` alternates two closed-form
 steps with the lattice points and signs fixed: the fp16 super-block scale ``d`` by weighted least
