@@ -26,7 +26,6 @@ shapes for the header, a second writes the data), so no more than one tensor is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +35,7 @@ from formats.errors import QdllmError, check_output_path
 from formats.gguf_layout import FORMAT_VERSION, QK1_0, encode_planes, permute_tensor, plane_shapes, row_permutation
 from formats.gguf_read import GGUFModel, GGUFTensors, read_gguf  # noqa: F401  (public API)
 from formats.gguf_tokenizer import vocab_for_gguf
+from formats.outputs import gguf_file_writer
 from formats.qtensor import QuantizedTensor
 from formats.stored import kind_of
 from formats.tokenizer import special_token_ids
@@ -310,19 +310,10 @@ def write_gguf(
     names = canonical_names(source.hparams)
     planned = {n: writer.plan(n) for n in names}
     keys = _file_keys(path, source, writer, planned, dict(qdllm_meta or {}), tokenizer, special_ids, tokenizer_pre)
-    g = _gguf()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    w = g.GGUFWriter(str(tmp), source.hparams.spec.name)
-    try:
+    with gguf_file_writer(path, source.hparams.spec.name) as w:
         w.add_name(name or f"{source.hparams.spec.name}-qdllm")
         _write_keys(w, source.hparams, keys)
         _write_tensors(w, path, writer, names, planned)
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -23,7 +23,6 @@ NumPy and gguf-py only.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from formats.errors import FormatError, QdllmError, check_output_path
 from formats.gguf_container import parse_gguf, raw_array
+from formats.outputs import gguf_file_writer
 
 SUM2, COUNTS = ".in_sum2", ".counts"
 
@@ -69,10 +69,8 @@ def write_imatrix(path: str | Path, im: Imatrix, overwrite: bool = False, notes:
                              f"{None if c is None else c.shape} are not [n_mat, n_in] / [n_mat]")
         if not (np.isfinite(s).all() and np.isfinite(c).all()):
             raise QdllmError(f"{path}: imatrix entry {name} holds NaN or inf")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "imatrix")
-    w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
-    try:
+    with gguf_file_writer(path, "imatrix") as w:
+        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
         w.add_type("imatrix")
         w.add_array("imatrix.datasets", [str(d) for d in im.datasets] or ["unknown"])
         w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
@@ -86,12 +84,6 @@ def write_imatrix(path: str | Path, im: Imatrix, overwrite: bool = False, notes:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -3,13 +3,17 @@
 Each output kind is recognised by its contents, not its name: a GGUF file by the ``qdllm.*`` metadata every
 qdllm GGUF carries, an ONNX file by its ``qdllm.format`` metadata (and its external data file by being named in
 that file), a quantized checkpoint folder by its ``qdllm_quant.json`` record and nothing in it that the
-writer did not put there. A new output kind adds its recogniser here. No torch.
+writer did not put there. A new output kind adds its recogniser here. ``gguf_file_writer`` writes a GGUF file
+so that no half-written output is ever left at its path. No torch.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from formats.errors import QdllmError
 
@@ -116,3 +120,21 @@ def check_output_folder(folder: str | Path, overwrite: bool) -> Path:
     if not overwrite:
         raise QdllmError(f"{folder}: already exists (a quantized checkpoint); pass --force to replace it")
     return folder
+
+
+@contextmanager
+def gguf_file_writer(path: Path, arch: str) -> Iterator[Any]:
+    """A ``gguf.GGUFWriter`` for architecture ``arch`` on a temporary file beside ``path``: renamed to ``path``
+    when the block ends without error, removed when it raises (Ctrl-C included)."""
+    import gguf
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield w
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
