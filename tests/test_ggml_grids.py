@@ -15,6 +15,7 @@ from qdllm_export.grids import GridConfig, grid_quantize
 from qdllm_export.grids import libggml
 from qdllm_export.grids.ggml import SPECS
 from qdllm_export.grids.registry import GGML_GRIDS, fallback_type, grid_for
+from tests.grid_fixtures import correlated_hessian, hard_rows
 
 needs_lib = pytest.mark.skipif(not libggml.available(), reason="llama-cpp-python (libggml) is not installed")
 SCALAR = tuple(SPECS)
@@ -30,31 +31,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _weights(n_in: int, seed: int = 0) -> torch.Tensor:
-    """12 rows: random, all-zero, all-positive, all-negative, one outlier, fp16-subnormal scale, mixed."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(12, n_in, generator=g)
-    W[1] = 0.0
-    W[2] = W[2].abs() + 0.1
-    W[3] = -W[3].abs()
-    W[4, n_in // 3] = 60.0
-    W[5] *= 3e-6  # d lands in fp16's subnormal range
-    W[6, : n_in // 2] = 0.0  # zero sub-blocks next to live ones
-    W[7] = torch.where(W[7] > 0, W[7] * 8, W[7] * 0.1)  # skewed
-    W[8] *= 1e-9  # scales underflow fp16 to zero
-    W[9, ::7] *= 20
-    return W
-
-
-def _hessian(n_in: int, seed: int = 1) -> torch.Tensor:
-    """Correlated activations with a few large input channels, and a dead one."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(4 * n_in, n_in, generator=g) @ (torch.eye(n_in) + 0.2 * torch.randn(n_in, n_in, generator=g) / n_in**0.5)
-    X[:, :: n_in // 8] *= 10
-    X[:, 5] = 0.0
-    return X.T @ X / X.shape[0]
-
-
 def _exact(res) -> None:
     dq = res.stored.dequantize()
     assert dq.dtype == np.float32 and dq.shape == tuple(res.w_hat.shape)
@@ -67,7 +43,7 @@ def _exact(res) -> None:
 def test_scalar_grid_bytes_decode_to_the_chosen_weights(name):
     """Every rounding mode, both widths, the special rows: gguf-py (and ggml) decode our bytes to w_hat bit for bit."""
     for n_in, modes in ((256, ("rtn", "importance", "gptq")), (768, ("gptq",))):
-        W, H = _weights(n_in), _hessian(n_in)
+        W, H = hard_rows(n_in), correlated_hessian(n_in)
         for mode in modes:
             res = grid_quantize(W, H, GGML_GRIDS[name](), GridConfig(rounding=mode), name=f"blk.0.{name}")
             _exact(res)
@@ -80,7 +56,7 @@ def test_scalar_grid_bytes_decode_to_the_chosen_weights(name):
 @pytest.mark.parametrize("name", SCALAR)
 def test_random_importance_and_no_refit_stay_exact(name):
     g = torch.Generator().manual_seed(3)
-    W = _weights(256, seed=2)
+    W = hard_rows(256, seed=2)
     H = torch.diag(torch.rand(256, generator=g) ** 4 * 10)  # importance over four orders of magnitude
     H[7, 7] = 0.0
     for refit in (True, False):
@@ -114,7 +90,7 @@ def test_our_fit_beats_llama_cpp_encoder(name):
 def test_libggml_grid_round_trips(name):
     """ggml's encoder as a grid: the bytes decode (gguf-py and ggml) to w_hat; the d refit only lowers the
     weighted error; re-encoding the decoded weights is stable in value for the k-quants."""
-    W, H = _weights(512), _hessian(512)
+    W, H = hard_rows(512), correlated_hessian(512)
     res = {refit: grid_quantize(W, H, GGML_GRIDS[name](), GridConfig(rounding="importance", refit=refit)) for refit in (False, True)}
     for r in res.values():
         _exact(r)
@@ -135,14 +111,14 @@ def test_fallback_follows_llama_quantize():
 
 
 def test_f16_fallback_grid_is_exact():
-    W = _weights(100)
-    res = grid_quantize(W, _hessian(100), grid_for("q4_k", 100), GridConfig())
+    W = hard_rows(100)
+    res = grid_quantize(W, correlated_hessian(100), grid_for("q4_k", 100), GridConfig())
     assert res.stored.ggml_type == "F16" and res.stored.bits_per_weight() == 16.0
     assert np.array_equal(res.stored.dequantize(), res.w_hat.numpy())
 
 
 def test_ggml_tensor_contract():
-    res = grid_quantize(_weights(256), None, grid_for("q3_k", 256), GridConfig(rounding="rtn"), name="blk.1.ffn_up.weight")
+    res = grid_quantize(hard_rows(256), None, grid_for("q3_k", 256), GridConfig(rounding="rtn"), name="blk.1.ffn_up.weight")
     t = res.stored
     back = GGMLTensor.from_arrays(t.shape, t.ggml_type, t.arrays(), name=t.name)
     assert np.array_equal(back.dequantize(), t.dequantize()) and back.stored_bits() == t.stored_bits() == 12 * 110 * 8

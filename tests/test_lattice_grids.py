@@ -14,6 +14,7 @@ from qdllm_export.grids import GridConfig, grid_quantize, libggml
 from qdllm_export.grids.registry import GGML_GRIDS, fallback_type, grid_for
 from qdllm_export.grids.lattice import SPECS, LatticeGrid, codebook
 from qdllm_export.grids.libggml import LibGGMLGrid
+from tests.grid_fixtures import correlated_hessian, hard_rows
 
 pytestmark = pytest.mark.skipif(not libggml.available(), reason="llama-cpp-python (libggml) is not installed")
 TYPES = tuple(SPECS)
@@ -27,29 +28,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _weights(n_in: int, seed: int = 0) -> torch.Tensor:
-    """10 rows: random, all-zero, all-positive, all-negative, one outlier, tiny (fp16-subnormal d), half
-    zero, skewed, underflowing, spiky."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(10, n_in, generator=g)
-    W[1] = 0.0
-    W[2] = W[2].abs() + 0.1
-    W[3] = -W[3].abs()
-    W[4, n_in // 3] = 60.0
-    W[5] *= 3e-6
-    W[6, : n_in // 2] = 0.0
-    W[7] = torch.where(W[7] > 0, W[7] * 8, W[7] * 0.1)
-    W[8] *= 1e-9
-    W[9, ::7] *= 20
-    return W
+def _lattice_rows(n_in: int, seed: int = 0) -> torch.Tensor:
+    return hard_rows(n_in, seed, rows=10)
 
 
-def _hessian(n_in: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(2 * n_in, n_in, generator=g) @ (torch.eye(n_in) + 0.2 * torch.randn(n_in, n_in, generator=g) / n_in**0.5)
-    X[:, :: n_in // 8] *= 10
-    X[:, 5] = 0.0
-    return X.T @ X / X.shape[0]
+def _lattice_hessian(n_in: int, seed: int = 1) -> torch.Tensor:
+    return correlated_hessian(n_in, seed, tokens_per_column=2)
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -58,7 +42,7 @@ def test_bytes_decode_to_the_returned_weights(name):
     (which also proves the sign parity of iq2_xxs / iq2_xs: a wrong 8th bit would decode another sign)."""
     for n_in, runs in ((256, (("rtn", True), ("importance", True), ("gptq", True), ("gptq", False))),
                        (768, (("gptq", True),))):
-        W, H = _weights(n_in), _hessian(n_in)
+        W, H = _lattice_rows(n_in), _lattice_hessian(n_in)
         for mode, refit in runs:
             res = grid_quantize(W, H, LatticeGrid(name), GridConfig(rounding=mode, refit=refit), name=f"blk.0.{name}")
             dq = res.stored.dequantize()
@@ -103,7 +87,7 @@ def test_gptq_inside_the_block_beats_ggml_in_the_driver(name):
     layer whose rows are one block: there the ctypes grid compensates nothing."""
     g = torch.Generator().manual_seed(4)
     W = torch.randn(64, 256, generator=g) * (0.5 + torch.rand(64, 1, generator=g))
-    H = _hessian(256)
+    H = _lattice_hessian(256)
 
     def err(grid) -> float:
         D = W - grid_quantize(W, H, grid, GridConfig(rounding="gptq")).w_hat
@@ -113,7 +97,7 @@ def test_gptq_inside_the_block_beats_ggml_in_the_driver(name):
 
 
 def test_refit_only_lowers_the_weighted_error():
-    W, H = _weights(512), _hessian(512)
+    W, H = _lattice_rows(512), _lattice_hessian(512)
     imp = torch.diag(H) / torch.diag(H).mean()
     e = {r: float((imp * (W - grid_quantize(W, H, LatticeGrid("iq2_xs"), GridConfig(rounding="importance", refit=r)).w_hat)
                    ** 2).sum()) for r in (False, True)}
