@@ -120,12 +120,14 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
     """``H [n_in, n_in]`` of each linear in ``roles`` of ``block``, from its inputs over ``x [N, L, d]``. Each
     batch runs only as far into the block as the last of ``roles`` (the o / gate-up passes skip the rest)."""
     linears = block.linears()
-    acc = {r: HessianAccumulator(linears[r].in_features, device=x.device) for r in roles}
+    src = {r: _input_source(r, roles) for r in roles}  # linears of a group read one input: one H for them
+    acc = {s: HessianAccumulator(linears[s].in_features, device=x.device) for s in set(src.values())}
     pending: set[str] = set()
 
     def seen(r: str, inp: tuple[torch.Tensor, ...]) -> None:
-        with _tf32(False):
-            acc[r].add_batch(inp[0])
+        if src[r] == r:
+            with _tf32(False):
+                acc[r].add_batch(inp[0])
         pending.discard(r)
         if not pending:
             raise _AllSeen
@@ -142,7 +144,13 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
     finally:
         for h in hooks:
             h.remove()
-    return {r: a.H for r, a in acc.items()}
+    return {r: acc[src[r]].H for r in roles}
+
+
+def _input_source(role: str, roles: tuple[str, ...] | list[str]) -> str:
+    """The first of ``roles`` in ``role``'s true-sequential group (it reads the same input), else ``role``."""
+    group = next((g for g in SEQUENTIAL_GROUPS if role in g), (role,))
+    return next(r for r in group if r in roles)
 
 
 def sequential_groups(roles: list[str]) -> list[list[str]]:
