@@ -112,7 +112,7 @@ def our_file(model: str, work: Path, key: str, ccfg, sens_cache: dict) -> tuple[
     from formats.gguf import write_gguf
     from formats.tokenizer import load_tokenizer
     from qdllm_export.backends import resolve
-    from qdllm_export.stock import GridEncoder, StockSpec, auto_sensitivity, quantize_stock
+    from qdllm_export.targets.ggml import GridEncoder, StockSpec, auto_sensitivity, quantize_stock
 
     out = work / f"ours-{key}.gguf"
     if out.exists():
@@ -144,7 +144,7 @@ def planes_file(model: str, work: Path, ccfg) -> tuple[Path, float]:
     from qdllm_export.backends import resolve
     from qdllm_export.pipeline import quantize_checkpoint
     from qdllm_export.quant import QuantConfig
-    from qdllm_export.stock import GridEncoder
+    from qdllm_export.targets.ggml import GridEncoder
 
     out = work / "planes.gguf"
     if out.exists():
@@ -400,7 +400,7 @@ def note_lines(results: dict, models: list[str]) -> list[str]:
         "commit they were measured at (`commit` in docs/results/llamacpp.json; `-dirty`: the shared tree held other "
         "engineers' uncommitted edits, among them act-order inside ggml blocks, committed as 19ac2cd).",
         "- `auto --bpw 2.5` mixes iq2_xs and q2_k (and some higher types) from sensitivities measured with "
-        "importance-only fits (`qdllm_export.mix`); the final GPTQ fit gains more on q2_k than on iq2_xs, so on "
+        "importance-only fits (`qdllm_export.targets.mix`); the final GPTQ fit gains more on q2_k than on iq2_xs, so on "
         "tiny-llada the mix at 2.50 bits is closer to pure iq2_xs (2.31) than to pure q2_k (2.63).",
     ]
 

@@ -155,7 +155,7 @@ def ours(folder: Path, out: Path, outtype: str, bpw: float | None, block_size: i
     """Our MatMulNBits file at accuracy ``level``; returns (path, stored bits per weight of the linears)."""
     from formats.checkpoint import QuantizedCheckpoint
     from formats.tokenizer import load_tokenizer
-    from qdllm_export.nbits_quant import NBitsSpec, quantize_nbits
+    from qdllm_export.targets.nbits import NBitsSpec, quantize_nbits
 
     ck = out.with_suffix(".q")
     shutil.rmtree(ck, ignore_errors=True)

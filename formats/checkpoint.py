@@ -29,11 +29,11 @@ import numpy as np
 
 from formats.errors import FormatError, QdllmError
 from formats.families import read_config
+from formats.outputs import RECORD, check_output_folder
 from formats.stored import from_record, record_of, required_fields
 from formats.safetensors_io import Checkpoint, write_safetensors
 from formats.tensors import canonical_names, canonical_shape
 
-RECORD = "qdllm_quant.json"
 FORMAT_VERSION = 1
 SUFFIX = ".qdllm."
 
@@ -92,8 +92,6 @@ class QuantizedCheckpointWriter:
     """
 
     def __init__(self, folder: str | Path, source_folder: str | Path, n_shards: int, force: bool = False):
-        from formats.outputs import check_output_folder
-
         self.folder = check_output_folder(folder, force)  # replaces only a quantized checkpoint of ours
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".partial", dir=self.folder.parent))
@@ -132,8 +130,6 @@ class QuantizedCheckpointWriter:
         record = {"format_version": FORMAT_VERSION, **record, "files": files}  # what --force may later replace
         (self.tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
         if self.folder.exists():
-            from formats.outputs import check_output_folder
-
             check_output_folder(self.folder, True)  # still ours (nothing was added while we worked)
             shutil.rmtree(self.folder)
         os.replace(self.tmp, self.folder)

@@ -9,13 +9,13 @@ llama.cpp tensor names (``llada`` Q/K rows permuted like convert_hf_to_gguf.py).
   ``formats.gguf_layout``). Only qdllm's runtimes run these linears.
 * a stock type (``STOCK_TYPES``: ``"q2_k"``, ``"iq2_xs"``, ...) or ``"auto"``: every linear is a
   ``GGMLTensor`` (``formats.ggml_tensor``) written as its raw ggml bytes with its own type; stock
-  llama.cpp runs the file. The quantizer (``qdllm_export.stock``) chose the bytes; this module only
+  llama.cpp runs the file. The quantizer (``qdllm_export.targets.ggml``) chose the bytes; this module only
   stores them (``llada`` Q/K: the byte rows are reordered).
 * ``"f16"`` / ``"f32"``: every linear dequantized.
 
 ``token_embd`` and ``output`` take any type: f32 / f16 here, a ggml block type through an
 ``encoder`` (``TensorEncoder``; gguf-py's quantizer for the simple types by default,
-``qdllm_export.stock.GridEncoder`` for the k-quants).
+``qdllm_export.targets.ggml.GridEncoder`` for the k-quants).
 
 ``read_gguf(path)`` (in ``formats.gguf_read``) validates a file and returns a ``GGUFModel``.
 
@@ -31,11 +31,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from formats.errors import QdllmError, check_output_path
+from formats.errors import QdllmError
 from formats.gguf_layout import FORMAT_VERSION, QK1_0, encode_planes, permute_tensor, plane_shapes, row_permutation
 from formats.gguf_read import GGUFModel, GGUFTensors, read_gguf  # noqa: F401  (public API)
 from formats.gguf_tokenizer import vocab_for_gguf
-from formats.outputs import gguf_file_writer
+from formats.outputs import check_output_file, gguf_file_writer
 from formats.qtensor import QuantizedTensor
 from formats.stored import kind_of
 from formats.tokenizer import special_token_ids
@@ -104,7 +104,7 @@ class GGUFPyEncoder:
     def type_of(self, name: str, ggml_type: str, n_in: int) -> str:
         if ggml_type not in self.TYPES:
             raise QdllmError(f"tensor {name}: type {ggml_type.lower()} needs qdllm-export's encoder "
-                             f"(qdllm_export.stock.GridEncoder); formats encodes {', '.join(EMBED_TYPES)} itself")
+                             f"(qdllm_export.targets.ggml.GridEncoder); formats encodes {', '.join(EMBED_TYPES)} itself")
         if n_in % 32:
             raise QdllmError(f"tensor {name} has {n_in} columns, not a multiple of 32 as {ggml_type} needs; use f16")
         return ggml_type
@@ -305,7 +305,7 @@ def write_gguf(
         raise QdllmError(f"{path}: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     embed_type = embed_type or ("f32" if outtype == "f32" else "f16")
     embed_types = {"token_embd.weight": embed_type, "output.weight": head_type or embed_type}
-    check_output_path(path, overwrite)
+    check_output_file(path, overwrite)
     writer = _Writer(path, source, outtype, embed_types, encoder or GGUFPyEncoder())
     names = canonical_names(source.hparams)
     planned = {n: writer.plan(n) for n in names}

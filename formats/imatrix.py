@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.errors import FormatError, QdllmError, check_output_path
+from formats.errors import FormatError, QdllmError
 from formats.gguf_container import parse_gguf, raw_array
-from formats.outputs import gguf_file_writer
+from formats.outputs import check_output_file, gguf_file_writer
 
 SUM2, COUNTS = ".in_sum2", ".counts"
 
@@ -61,7 +61,7 @@ def write_imatrix(path: str | Path, im: Imatrix, overwrite: bool = False, notes:
     import gguf
 
     path = Path(path)
-    check_output_path(path, overwrite)
+    check_output_file(path, overwrite)
     for name, s in im.in_sum2.items():
         c = im.counts.get(name)
         if s.ndim != 2 or c is None or c.shape != (s.shape[0],):

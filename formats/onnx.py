@@ -33,7 +33,8 @@ import onnx
 from onnx import TensorProto as TP
 from onnx import helper
 
-from formats.errors import QdllmError, check_output_path
+from formats.errors import QdllmError
+from formats.outputs import check_output_file
 from formats.nbits import NBitsTensor, quantize_rtn
 from formats.onnx_graph import (DOMAIN, DOMAIN_VERSION, F_NBITS, F_NBITS_MU, F_PLANE, F_PLANE_MU, IR_VERSION,
                                 MS_DOMAIN, OPSET, Builder, build_forward, io_values, make_function)
@@ -350,7 +351,7 @@ def write_onnx(
     """
     path = Path(path)
     embed_type = _check_options(path, outtype, kernel, embed_type, accuracy_level, nbits_scales)
-    check_output_path(path, overwrite)
+    check_output_file(path, overwrite)
     data_name = path.name + ".data"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp_data = path.with_name(f".{data_name}.{os.getpid()}.tmp")

@@ -19,6 +19,7 @@ from formats.errors import QdllmError
 
 GGUF_MAGIC = b"GGUF"
 QDLLM_GGUF_PREFIX = "qdllm."
+RECORD = "qdllm_quant.json"  # the record every quantized checkpoint folder holds (formats.checkpoint)
 
 
 def own_gguf(path: Path) -> bool:
@@ -39,7 +40,7 @@ def own_gguf(path: Path) -> bool:
 def own_onnx(path: Path) -> tuple[bool, list[str]]:
     """(written by qdllm-export, names of its external data files) for an ONNX file."""
     try:
-        from formats.onnx import FORMAT
+        from formats.onnx_read import FORMAT
         from formats.onnx_proto import scan_model
 
         scan = scan_model(path)
@@ -55,8 +56,6 @@ def own_checkpoint_folder(folder: Path) -> tuple[bool, list[str]]:
 
     Records that list their ``files`` let us name anything a user added since; older records do not, and
     then any plain file counts as ours (a sub-folder never does: the writer makes none)."""
-    from formats.checkpoint import RECORD
-
     rec = folder / RECORD
     if not rec.is_file():
         return False, []

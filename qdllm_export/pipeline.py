@@ -30,14 +30,11 @@ from formats.stored import record_of
 from formats.tensors import HFTensors, is_linear
 from formats.tokenizer import load_tokenizer
 from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows
-from qdllm_export.models import dequantize_torch, family_module
+from qdllm_export.models import SEQUENTIAL_GROUPS, dequantize_torch, family_module, sequential_groups
 from qdllm_export.models.layers import rope_tables
 from qdllm_export.quant import HessianAccumulator, QuantConfig
-from qdllm_export.targets import Target, as_target
-
-# Linears of a block in the order their inputs become available (true-sequential groups); the linears
-# of one group read the same input.
-SEQUENTIAL_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+from qdllm_export.targets.base import Target
+from qdllm_export.targets.planes import as_target
 
 OnLayer = Callable[[int, int, str], None]
 
@@ -151,13 +148,6 @@ def _input_source(role: str, roles: tuple[str, ...] | list[str]) -> str:
     """The first of ``roles`` in ``role``'s true-sequential group (it reads the same input), else ``role``."""
     group = next((g for g in SEQUENTIAL_GROUPS if role in g), (role,))
     return next(r for r in group if r in roles)
-
-
-def sequential_groups(roles: list[str]) -> list[list[str]]:
-    """``roles`` split into the true-sequential groups, in order (unknown roles last, together)."""
-    groups = [[r for r in g if r in roles] for g in SEQUENTIAL_GROUPS]
-    rest = [r for r in roles if not any(r in g for g in groups)]
-    return [g for g in groups if g] + ([rest] if rest else [])
 
 
 def _err_text(r: LayerReport) -> str:

@@ -3,7 +3,7 @@
 Two kinds of file: ``--outtype planes`` (the default; Quant-dLLM's binary planes, which only qdllm's
 runtimes run) and the stock types (``q2_k`` ... ``iq3_s``, ``auto --bpw B``; ``f16`` / ``f32``), which
 stock llama.cpp runs unchanged. For the stock types a plain checkpoint is calibrated (MCS) and quantized
-onto ggml's grids by ``qdllm_export.stock`` into a temporary quantized checkpoint, then written.
+onto ggml's grids by ``qdllm_export.targets.ggml`` into a temporary quantized checkpoint, then written.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def gguf_(
     with source as (src, tok, meta):
         encoder = None
         if not {embed_type, head_type} <= set(EMBED_TYPES):  # a k-quant: torch-side encoder (imported only now)
-            from qdllm_export.stock import GridEncoder
+            from qdllm_export.targets.ggml import GridEncoder
 
             encoder = GridEncoder(head_importance(imatrix), device=q["device"])
         write_gguf(out, src, tokenizer=tok, outtype=outtype, qdllm_meta=meta, embed_type=embed_type,
@@ -106,13 +106,13 @@ def gguf_(
 def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | None, rounding: str,
                  true_sequential: bool, imatrix: Path | None, q: dict[str, Any]) -> Iterator[tuple[Any, Any, dict]]:
     """Yields (tensors, tokenizer, qdllm metadata) of MODEL with ggml-type linears: a plain checkpoint is
-    quantized (``qdllm_export.stock``) into a temporary folder beside ``out``, removed afterwards."""
+    quantized (``qdllm_export.targets.ggml``) into a temporary folder beside ``out``, removed afterwards."""
     from formats.checkpoint import QuantizedCheckpoint, is_quantized_checkpoint
     from formats.families import read_config
     from formats.tokenizer import load_tokenizer
     from qdllm_export.backends import resolve
     from qdllm_export.calib import CalibConfig
-    from qdllm_export.stock import StockSpec, check_budget, quantize_stock, stock_target
+    from qdllm_export.targets.ggml import StockSpec, check_budget, quantize_stock, stock_target
 
     folder = resolve(model)
     if not folder.is_dir():

@@ -2,7 +2,7 @@
 
 Two kinds of quantized linears: binary planes (``--outtype planes``, qdllm ops) or onnxruntime's own
 ``MatMulNBits`` grid (``--outtype int2 | int4 | int8 | auto``, one node per linear, quantized here by
-``qdllm_export.nbits_quant``).
+``qdllm_export.targets.nbits``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ NBITS_BLOCK = 128  # block size of the int outtypes unless --block-size says oth
 
 
 def _block_size(value: Optional[int]) -> Optional[int]:
-    from qdllm_export.nbits_quant import BLOCK_SIZES
+    from qdllm_export.targets.nbits import BLOCK_SIZES
 
     if value is not None and value not in BLOCK_SIZES:
         raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, BLOCK_SIZES))}")
@@ -107,7 +107,7 @@ def _checked_spec(model: str, out: Path, force: bool, outtype: str, bpw: float |
     from formats.tensors import HFTensors
     from qdllm_export.backends import resolve
     from qdllm_export.calib import CalibConfig
-    from qdllm_export.nbits_quant import NBitsSpec, check_block_size, check_budget
+    from qdllm_export.targets.nbits import NBitsSpec, check_block_size, check_budget
     from runtime_ref.ort import nbits_support
 
     folder = resolve(model)
@@ -147,7 +147,7 @@ def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
     checkpoint lives in a temporary folder beside ``out``, removed afterwards."""
     from formats.checkpoint import QuantizedCheckpoint
     from formats.tokenizer import load_tokenizer
-    from qdllm_export.nbits_quant import quantize_nbits
+    from qdllm_export.targets.nbits import quantize_nbits
 
     folder, spec, ccfg = _checked_spec(model, out, force, outtype, bpw, block_size, q)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

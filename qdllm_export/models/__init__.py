@@ -22,6 +22,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+# Linears of a block in the order their inputs become available (true-sequential groups); the linears
+# of one group read the same input.
+SEQUENTIAL_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+
+
 def family_module(hp: HParams) -> ModuleType:
     return importlib.import_module(f"qdllm_export.models.{hp.family}")
 
@@ -97,3 +102,10 @@ def save_checkpoint(model: torch.nn.Module, hp: HParams, folder: str | Path, *, 
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer_json is not None:
         (folder / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
+
+
+def sequential_groups(roles: list[str]) -> list[list[str]]:
+    """``roles`` split into the true-sequential groups, in order (unknown roles last, together)."""
+    groups = [[r for r in g if r in roles] for g in SEQUENTIAL_GROUPS]
+    rest = [r for r in roles if not any(r in g for g in groups)]
+    return [g for g in groups if g] + ([rest] if rest else [])

@@ -5,7 +5,7 @@ MCS calibration, true-sequential ``H``) with a MatMulNBits ``GridTarget``: each 
 driver (``grids.base.grid_quantize``: importance-weighted fit of scale and zero point per block, GPTQ
 rounding with compensation between blocks, closed-form refit; ``rounding="rtn"``: no data). ``auto``
 first measures every linear's output error at 2, 4 and 8 bits and picks one per tensor under the
-``bpw`` budget (``qdllm_export.mix``). The quantized checkpoint it writes holds ``NBitsTensor``\\ s
+``bpw`` budget (``qdllm_export.targets.mix``). The quantized checkpoint it writes holds ``NBitsTensor``\\ s
 (``formats.nbits``), which ``formats.onnx.write_onnx`` stores as MatMulNBits nodes.
 """
 
@@ -92,12 +92,12 @@ def nbits_target(folder: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, devi
     sensitivities and fixes the plan."""
     from qdllm_export.grids.base import GridConfig
     from qdllm_export.grids.nbits import NBitsGrid
-    from qdllm_export.targets import GridTarget
+    from qdllm_export.targets.base import GridTarget
 
     grids = {f"int{b}": NBitsGrid(b, spec.block_size) for b in spec.bits}
     describe: dict[str, Any] = {"outtype": spec.outtype, "block_size": spec.block_size}
     if spec.outtype == "auto":
-        from qdllm_export.mix import allocate, measure_sensitivity, plan_summary
+        from qdllm_export.targets.mix import allocate, measure_sensitivity, plan_summary
 
         sens = measure_sensitivity(folder, {k: (lambda n_in, g=g: g) for k, g in grids.items()}, ccfg, device=device,
                                    on_layer=on_layer)

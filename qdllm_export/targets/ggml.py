@@ -7,7 +7,7 @@ ggml blocks) onto one ggml type per linear:
 * a fixed type (``STOCK_TYPES``), with llama.cpp's fallback for a row length the type's block does not
   divide (``grids.registry.fallback_type``);
 * ``auto``: per-tensor types under a bits-per-weight budget from measured MCS sensitivity
-  (``qdllm_export.mix``), chosen among ``AUTO_CANDIDATES``;
+  (``qdllm_export.targets.mix``), chosen among ``AUTO_CANDIDATES``;
 * ``imatrix``: a llama.cpp imatrix file as the (diagonal) importance instead of calibrating.
 
 ``token_embd`` and ``output`` are encoded at write time by ``GridEncoder`` (llama.cpp-like defaults:
@@ -145,7 +145,7 @@ class StockGridTarget:
     def quantize(self, name: str, W: torch.Tensor, H: Any, plan: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
         from dataclasses import replace
 
-        from qdllm_export.targets import GridTarget
+        from qdllm_export.targets.base import GridTarget
 
         first = self.base.quantize(name, W, H, plan)
         if H is None or self.cfg.rounding != "gptq" or not self.cfg.refit:
@@ -183,8 +183,8 @@ class ImatrixTarget:
 
 def auto_sensitivity(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "cpu",
                      on_layer: Callable[[int, int, str], None] | None = None) -> Any:
-    """Output error and bits of every ``AUTO_CANDIDATES`` type on every linear (``qdllm_export.mix``)."""
-    from qdllm_export.mix import measure_sensitivity
+    """Output error and bits of every ``AUTO_CANDIDATES`` type on every linear (``qdllm_export.targets.mix``)."""
+    from qdllm_export.targets.mix import measure_sensitivity
 
     cands = {c: partial(grid_for, c) for c in AUTO_CANDIDATES}
     return measure_sensitivity(model_dir, cands, ccfg, device=device, on_layer=on_layer)
@@ -195,12 +195,12 @@ def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, d
     """The pipeline target of ``spec``; for ``auto`` this measures every candidate's error first (unless
     ``sensitivity``, from :func:`auto_sensitivity` on the same model and calibration, is given)."""
     from formats.families import read_config
-    from qdllm_export.targets import GridTarget
+    from qdllm_export.targets.base import GridTarget
 
     _, hp, _ = read_config(Path(model_dir))
     describe: dict[str, Any] = {"outtype": spec.outtype, "true_sequential": spec.true_sequential}
     if spec.outtype == "auto":
-        from qdllm_export.mix import allocate, plan_summary
+        from qdllm_export.targets.mix import allocate, plan_summary
 
         check_budget(hp, spec.bpw)
         sens = sensitivity or auto_sensitivity(model_dir, ccfg, device=device, on_layer=on_layer)

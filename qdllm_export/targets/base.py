@@ -1,6 +1,6 @@
-"""What the pipeline turns each linear into: binary planes (Quant-dLLM, RTN, GPTQ) or a runtime grid.
+"""What every target promises the streaming pipeline (``qdllm_export.pipeline``), and the grid target.
 
-A target answers three questions for the streaming pipeline (``qdllm_export.pipeline``):
+A target answers three questions for each transformer block:
 
 * ``needs_data``: whether calibration activations change its result (RTN's never do, so the
   pipeline skips calibration for it);
@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from qdllm_export.grids import Grid, GridConfig, grid_quantize
-from qdllm_export.quant import QuantConfig, abmp_assign_pooled, block_scores, error_stats, quantize_weight
+from qdllm_export.quant import error_stats
 
 
 class Target(Protocol):
@@ -32,57 +32,6 @@ class Target(Protocol):
 
     def record(self) -> dict[str, Any]:
         ...
-
-
-@dataclass
-class PlanesTarget:
-    """Binary planes (``formats.qtensor.QuantizedTensor``) by Quant-dLLM, RTN or GPTQ."""
-
-    cfg: QuantConfig
-
-    @property
-    def needs_data(self) -> bool:
-        return self.cfg.method != "rtn"
-
-    def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        roles = list(weights)
-        if self.cfg.method != "quant-dllm" or not self.cfg.abmp:
-            return {r: None for r in roles}
-        scores = {r: block_scores(weights[r], None if Hs is None else Hs[r], self.cfg, name=f"blk.{i}.{r}.weight") for r in roles}
-        plan: dict[str, Any] = {}
-        for pool in abmp_pools(roles, self.cfg.abmp_pool):
-            planes = abmp_assign_pooled([scores[r] for r in pool], self.cfg.bits, self.cfg.abmp_ratio, what=f"block {i} {'/'.join(pool)}")
-            plan.update(zip(pool, planes))
-        return plan
-
-    def quantize(self, name: str, W: torch.Tensor, H: torch.Tensor | None, plan: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
-        res = quantize_weight(W, H, self.cfg, planes=plan, name=name)
-        stats = dict(res.stats)
-        if self.cfg.method in ("rtn", "gptq"):
-            stats["bits_per_weight_native"] = native_uniform_bits(self.cfg.int_bits, self.cfg.group_size)
-        return res.qt, res.w_hat, stats
-
-    def record(self) -> dict[str, Any]:
-        return {"target": "planes", "method": self.cfg.method, "bits": self.cfg.bits, "group_size": self.cfg.group_size,
-                "options": self.cfg.to_dict()}
-
-
-def abmp_pools(roles: list[str], pool: str) -> list[list[str]]:
-    """The linears ABMP ranks together: all of the block, each true-sequential group, or each linear."""
-    if pool == "block":
-        return [roles]
-    if pool == "linear":
-        return [[r] for r in roles]
-    from qdllm_export.pipeline import sequential_groups
-
-    return sequential_groups(roles)
-
-
-def native_uniform_bits(bits: int, group_size: int) -> float:
-    """Bits per weight of a uniform code in its own packing (GPTQ/RTN as GPTQModel and AutoRound ship
-    it, counted as the issue defines it): ``bits`` per code plus an fp16 scale and an fp16 zero per row
-    and group."""
-    return bits + 32.0 / group_size
 
 
 @dataclass
@@ -134,8 +83,3 @@ class GridTarget:
 
     def record(self) -> dict[str, Any]:
         return {"target": self.kind, "method": f"grid-{self.cfg.rounding}", "grid": self.cfg.to_dict(), **self.describe}
-
-
-def as_target(t: "Target | QuantConfig") -> "Target":
-    return PlanesTarget(t) if isinstance(t, QuantConfig) else t
-
