@@ -15,14 +15,19 @@ entry                      type      ne              content
 ``<weight>`` is a llama.cpp tensor name (``blk.0.attn_q.weight``, ``output.weight``); ``n_mat`` is 1 for a
 dense weight. llama-quantize uses ``in_sum2 / counts`` as the importance of each input column; it refuses
 a file without the three metadata keys. No ``general.architecture`` (llama-imatrix writes none). Our
-files add ``qdllm.format_version`` (so ``--force`` knows the file is ours) and ``qdllm.*`` notes (model,
-MCS on or off), which llama.cpp ignores.
+files add ``qdllm.format_version`` (so ``--force`` knows the file is ours) and ``qdllm.*`` notes (MCS on or
+off), which llama.cpp ignores, among them which model the file was made from: ``qdllm.model`` (its path) and
+``qdllm.model_fingerprint`` (:func:`model_fingerprint`: its hyper-parameters and the first values of a few of
+its tensors, so two models of the same shapes are told apart). ``gguf --imatrix`` refuses a file whose
+fingerprint is another model's; a file without one (``llama-imatrix``'s) is checked by names and widths only.
 
 NumPy and gguf-py only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +36,11 @@ import numpy as np
 from formats.errors import FormatError, QdllmError
 from formats.gguf_container import parse_gguf, raw_array
 from formats.outputs import check_output_file, gguf_file_writer
+from formats.safetensors_io import f32_to_bf16
+from formats.tensors import HFTensors
 
 SUM2, COUNTS = ".in_sum2", ".counts"
+FINGERPRINT_VALUES = 4096  # values of each fingerprinted tensor hashed (its first ones, in storage order)
 
 
 @dataclass
@@ -44,6 +52,8 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    model: str = ""  # the model it was made from (its path), "" when unknown (llama-imatrix's files)
+    fingerprint: str = ""  # model_fingerprint of that model, "" when unknown
 
     def importance(self, name: str) -> np.ndarray:
         """float32 ``[n_in]``: mean ``x_j^2`` per input column (``in_sum2 / counts``, as llama-quantize
@@ -55,9 +65,27 @@ class Imatrix:
         return {n: int(a.shape[-1]) for n, a in self.in_sum2.items()}
 
 
+def model_fingerprint(src: HFTensors) -> str:
+    """16 hex digits naming one model: a hash of its hyper-parameters (shapes, RoPE, special ids) and of the first
+    ``FINGERPRINT_VALUES`` values of its embedding, first and last block linears, final norm and head, each
+    rounded to bf16 (so the float32 and bf16 copies of one model agree). Reads a few kilobytes, not the model."""
+    hp = src.hparams
+    h = hashlib.sha256(json.dumps(hp.to_dict(), sort_keys=True).encode())
+    last = hp.n_layers - 1
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", f"blk.{last}.ffn_down.weight", "output_norm.weight",
+                 "output.weight"):
+        hf = src.hf_name(name)
+        f = src.ckpt.file_of(hf)
+        raw = f.head(hf, FINGERPRINT_VALUES)
+        bits = raw if f.dtype(hf) == "BF16" else f32_to_bf16(raw.astype(np.float32))
+        h.update(name.encode() + np.ascontiguousarray(bits, "<u2").tobytes())
+    return h.hexdigest()[:16]
+
+
 def write_imatrix(path: str | Path, im: Imatrix, overwrite: bool = False, notes: dict[str, str] | None = None) -> Path:
     """Write ``im`` in llama.cpp's GGUF imatrix format (temporary file, renamed at the end); ``notes``
-    become ``qdllm.<key>`` strings."""
+    become ``qdllm.<key>`` strings, after ``qdllm.model`` / ``qdllm.model_fingerprint`` from ``im`` (a note of
+    the same key replaces them)."""
     import gguf
 
     path = Path(path)
@@ -76,7 +104,8 @@ def write_imatrix(path: str | Path, im: Imatrix, overwrite: bool = False, notes:
         w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
         w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
         w.add_uint32("qdllm.format_version", 1)
-        for key, val in (notes or {}).items():
+        made_from = {k: v for k, v in (("model", im.model), ("model_fingerprint", im.fingerprint)) if v}
+        for key, val in {**made_from, **(notes or {})}.items():
             w.add_string(f"qdllm.{key}", str(val))
         for name in im.in_sum2:
             w.add_tensor(name + SUM2, np.ascontiguousarray(im.in_sum2[name], dtype=np.float32))
@@ -98,7 +127,8 @@ def read_imatrix(path: str | Path) -> Imatrix:
         if key not in meta:
             raise FormatError(f"{path}: imatrix metadata key {key!r} is missing (llama-quantize refuses such a file)")
     im = Imatrix(datasets=[str(d) for d in meta["imatrix.datasets"]], chunk_count=int(meta["imatrix.chunk_count"]),
-                 chunk_size=int(meta["imatrix.chunk_size"]))
+                 chunk_size=int(meta["imatrix.chunk_size"]), model=str(meta.get("qdllm.model", "")),
+                 fingerprint=str(meta.get("qdllm.model_fingerprint", "")))
     for tname, info in infos.items():
         if not tname.endswith(SUM2):
             continue
@@ -116,10 +146,15 @@ def read_imatrix(path: str | Path) -> Imatrix:
     return im
 
 
-def check_imatrix(im: Imatrix, widths: dict[str, int], where: str, model: str, optional: tuple[str, ...] = ()) -> None:
-    """Refuse an imatrix made for another model: ``widths`` (llama.cpp name -> n_in) are the weights the
-    model has (``optional`` ones may be absent from the imatrix). Names the first tensor missing, of
-    another width, or unknown."""
+def check_imatrix(im: Imatrix, widths: dict[str, int], where: str, model: str, optional: tuple[str, ...] = (),
+                  fingerprint: str = "") -> None:
+    """Refuse an imatrix made for another model: one whose recorded fingerprint is not ``fingerprint`` (the
+    model's :func:`model_fingerprint`; a file without one, as llama-imatrix writes, skips this), then by
+    ``widths`` (llama.cpp name -> n_in, the weights the model has; ``optional`` ones may be absent from the
+    imatrix), naming the first tensor missing, of another width, or unknown."""
+    if im.fingerprint and fingerprint and im.fingerprint != fingerprint:
+        raise QdllmError(f"{where}: was made from {im.model or 'another model'} (fingerprint {im.fingerprint}), not from "
+                         f"{model} (fingerprint {fingerprint}); run `qdllm-export imatrix` on {model}")
     have = im.widths()
     for name, n_in in widths.items():
         if name not in have and name in optional:

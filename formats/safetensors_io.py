@@ -107,6 +107,14 @@ class SafetensorsFile:
             arr = np.fromfile(f, dtype=_DTYPES[dt], count=(b - a) // _DTYPES[dt].itemsize)
         return arr.reshape(shape)
 
+    def head(self, name: str, count: int) -> np.ndarray:
+        """The first ``count`` stored values (flat, storage dtype: bf16 as uint16) of a tensor, read alone."""
+        dt, shape, a, b = self.entries[name]
+        n = min(count, (b - a) // _DTYPES[dt].itemsize)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + a)
+            return np.fromfile(f, dtype=_DTYPES[dt], count=n)
+
     def get(self, name: str, float32: bool = True) -> np.ndarray:
         """A tensor as a new array; floating types converted to float32 when ``float32``."""
         dt = self.entries[name][0]

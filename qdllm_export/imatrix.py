@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from formats.imatrix import Imatrix
+from formats.imatrix import Imatrix, model_fingerprint
 from formats.tensors import HFTensors
 from qdllm_export.calib import DEFAULT_CALIB, CalibConfig
 
@@ -54,7 +54,8 @@ def collect_imatrix(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "
     src = HFTensors(model_dir)
     hp = src.hparams
     calib = _calibration(src, model_dir, ccfg, device, batch)
-    im = Imatrix(datasets=[str(ccfg.path or DEFAULT_CALIB)], chunk_count=ccfg.n_samples, chunk_size=ccfg.seq_len)
+    im = Imatrix(datasets=[str(ccfg.path or DEFAULT_CALIB)], chunk_count=ccfg.n_samples, chunk_size=ccfg.seq_len,
+                 model=str(model_dir), fingerprint=model_fingerprint(src))
     for i in range(hp.n_layers):
         if on_layer:
             on_layer(i, hp.n_layers + 1, f"block {i}")

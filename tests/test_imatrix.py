@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from formats.errors import QdllmError
-from formats.imatrix import Imatrix, check_imatrix, read_imatrix, write_imatrix
+from formats.imatrix import Imatrix, check_imatrix, model_fingerprint, read_imatrix, write_imatrix
 from formats.tensors import HFTensors, canonical_names, is_linear
 from tests.tiny import make_checkpoint, tiny_hparams
 
@@ -96,6 +96,26 @@ def test_foreign_imatrix_refused_naming_the_first_mismatch(model):
     more = Imatrix({**good.in_sum2, "blk.9.attn_q.weight": np.ones((1, 256), np.float32)}, good.counts)
     with pytest.raises(QdllmError, match=r"blk\.9\.attn_q\.weight is not a weight of m"):
         check_imatrix(more, widths, "im", "m")
+
+
+def test_fingerprint_tells_models_of_the_same_shapes_apart(model, tmp_path):
+    """Issue 15: names and widths cannot tell two models of one architecture apart; the fingerprint (hparams and
+    the first values of a few tensors, rounded to bf16) does, and agrees between copies of one model."""
+    folder, hp = model
+    other, _, _ = make_checkpoint(tmp_path / "other", "llada", hp=hp, seed=5)
+    copy, _, _ = make_checkpoint(tmp_path / "copy", "llada", hp=hp, seed=4, dtype="bfloat16", n_shards=3)
+    fp, fp_other, fp_copy = (model_fingerprint(HFTensors(f)) for f in (folder, other, copy))
+    assert len(fp) == 16 and fp != fp_other and fp == fp_copy
+    widths = {n: hp.d_model for n in ("blk.0.attn_q.weight",)}
+    im = Imatrix({"blk.0.attn_q.weight": np.ones((1, hp.d_model), np.float32)}, {"blk.0.attn_q.weight": np.ones(1, np.float32)},
+                 model=str(other), fingerprint=fp_other)
+    back = read_imatrix(write_imatrix(tmp_path / "o.imatrix.gguf", im))
+    assert (back.model, back.fingerprint) == (str(other), fp_other)
+    with pytest.raises(QdllmError, match=rf"was made from {other} \(fingerprint {fp_other}\), not from m \(fingerprint {fp}\)"):
+        check_imatrix(back, widths, "im", "m", fingerprint=fp)
+    check_imatrix(back, widths, "im", "m", fingerprint=fp_other)
+    back.fingerprint = ""  # as llama-imatrix writes it: names and widths only
+    check_imatrix(back, widths, "im", "m", fingerprint=fp)
 
 
 def test_read_imatrix_refuses_other_files(tmp_path):

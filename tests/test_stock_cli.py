@@ -142,6 +142,28 @@ def test_imatrix_verb_then_gguf_with_it(ckpt, tmp_path, cli):
              "--calib-samples: not used with --imatrix")
 
 
+def test_imatrix_of_another_model_of_the_same_shapes_refused(ckpt, tmp_path, cli):
+    """Issue 15: an imatrix made from another model with the same tensor names and widths was taken. The file records
+    its model's fingerprint; `gguf --imatrix` refuses a mismatch naming both models and writes nothing. A file without
+    one (llama-imatrix writes none) is still taken, checked by names and widths."""
+    from formats.imatrix import read_imatrix, write_imatrix
+
+    other, _, _ = make_checkpoint(tmp_path / "other", "llada", seed=9, hp=tiny_hparams("llada", d_model=256, n_layers=1, d_ff=512))
+    imat = tmp_path / "other.imatrix.gguf"
+    code, out, err = cli("imatrix", other, imat, "--calib-samples", "2", "--seq-len", "32", "--json")
+    assert code == 0 and len(json.loads(out)["model_fingerprint"]) == 16, err
+    dest = tmp_path / "out"
+    dest.mkdir()
+    _refused(cli("gguf", ckpt, dest / "m.gguf", "--outtype", "q2_k", "--imatrix", imat),
+             f"was made from {other} (fingerprint", f"not from {ckpt} (fingerprint", "run `qdllm-export imatrix` on")
+    assert list(dest.iterdir()) == []
+    im = read_imatrix(imat)
+    im.model = im.fingerprint = ""
+    plain = write_imatrix(tmp_path / "plain.imatrix.gguf", im)
+    code, out, err = cli("gguf", ckpt, dest / "m.gguf", "--outtype", "q2_k", "--imatrix", plain, "--json")
+    assert code == 0 and json.loads(out)["qdllm"]["calibration"] == "imatrix", err
+
+
 def test_fallback_for_widths_the_block_does_not_divide(tmp_path, cli):
     """d_model 384: the 256-wide k-quant blocks do not divide the rows of attn_q..ffn_up, token_embd, output;
     they fall back as llama-quantize does (q2_k -> IQ4_NL, q4_k -> Q5_0, q6_k -> Q8_0), the summary lists

@@ -55,9 +55,10 @@ def imatrix(
         im = collect_imatrix(folder, ccfg, device=device,
                              on_layer=lambda i, n, what: bar.update(task, completed=i, total=n, detail=what))
         bar.update(task, description="done", detail="")
-    write_imatrix(out, im, overwrite=force, notes={"model": str(folder), "calibration": "mcs" if mcs else "plain"})
-    summary = {"path": str(out), "model": str(folder), "entries": len(im.in_sum2), "chunks": im.chunk_count,
-               "chunk_size": im.chunk_size, "mcs": mcs, "size_bytes": out.stat().st_size, "seconds": time.time() - t0}
+    write_imatrix(out, im, overwrite=force, notes={"calibration": "mcs" if mcs else "plain"})
+    summary = {"path": str(out), "model": str(folder), "model_fingerprint": im.fingerprint, "entries": len(im.in_sum2),
+               "chunks": im.chunk_count, "chunk_size": im.chunk_size, "mcs": mcs, "size_bytes": out.stat().st_size,
+               "seconds": time.time() - t0}
     if as_json:
         print(json.dumps(summary))
         return

@@ -213,12 +213,14 @@ def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, d
     rounding = "importance" if spec.imatrix else spec.rounding
     target: Any = StockGridTarget(GridTarget(grid_of, GridConfig(rounding=rounding), kind="ggml", describe=describe))
     if spec.imatrix:
-        from formats.imatrix import check_imatrix, read_imatrix
+        from formats.imatrix import check_imatrix, model_fingerprint, read_imatrix
+        from formats.tensors import HFTensors
         from qdllm_export.imatrix import model_widths
 
         im = read_imatrix(spec.imatrix)
         widths = model_widths(model_dir)
-        check_imatrix(im, widths, f"--imatrix {spec.imatrix}", str(model_dir), optional=("output.weight",))
+        check_imatrix(im, widths, f"--imatrix {spec.imatrix}", str(model_dir), optional=("output.weight",),
+                      fingerprint=model_fingerprint(HFTensors(model_dir)))
         target = ImatrixTarget(target, {n: im.importance(n) for n in widths if n in im.in_sum2}, str(spec.imatrix))
     return target
 
