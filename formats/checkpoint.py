@@ -29,7 +29,7 @@ import numpy as np
 
 from formats.errors import FormatError, QdllmError
 from formats.families import read_config
-from formats.outputs import RECORD, check_output_folder
+from formats.outputs import RECORD, check_output_folder, umask
 from formats.stored import from_record, record_of, required_fields
 from formats.safetensors_io import Checkpoint, write_safetensors
 from formats.tensors import canonical_names, canonical_shape
@@ -92,13 +92,12 @@ class QuantizedCheckpointWriter:
     """
 
     def __init__(self, folder: str | Path, source_folder: str | Path, n_shards: int, force: bool = False):
-        self.folder = check_output_folder(folder, force)  # replaces only a quantized checkpoint of ours
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = check_output_folder(folder, force)  # replaces only a quantized checkpoint of ours (parent exists)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".partial", dir=self.folder.parent))
         try:
             for f in Path(source_folder).iterdir():
                 if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                    shutil.copy2(f, self.tmp / f.name)
+                    shutil.copyfile(f, self.tmp / f.name)  # a new file: its mode follows the umask, as the shards
         except BaseException:  # an interrupt or a full disk while copying: leave nothing behind
             self.abort()
             raise
@@ -132,6 +131,7 @@ class QuantizedCheckpointWriter:
         if self.folder.exists():
             check_output_folder(self.folder, True)  # still ours (nothing was added while we worked)
             shutil.rmtree(self.folder)
+        os.chmod(self.tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a folder made with mkdir respects the umask
         os.replace(self.tmp, self.folder)
 
     def abort(self) -> None:

@@ -79,15 +79,36 @@ def refuse_unless_own_file(path: Path) -> None:
                      "--force); move it away or choose another output name")
 
 
+def _parent_exists(path: Path) -> None:
+    """Every output (a file or a checkpoint folder) goes into a folder that exists: a mistyped path is an error,
+    not a new tree of folders (as ``llama-quantize`` and ``llama-imatrix`` do; one rule for every verb)."""
+    if not path.parent.is_dir():
+        what = "exists and is not a folder" if path.parent.exists() else "does not exist"
+        raise QdllmError(f"{path}: folder {path.parent} {what}; create it first (mkdir -p {path.parent}) or choose "
+                         "an output in an existing folder")
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it where Linux shows it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_output_file(path: str | Path, overwrite: bool) -> Path:
     """An output file path that may be written.
 
     Refused: an existing path unless ``overwrite`` and it is a GGUF/ONNX file qdllm-export wrote; a missing
-    folder; an existing external data file (``OUT.data``) that the file being replaced does not name.
+    parent folder; an existing external data file (``OUT.data``) that the file being replaced does not name.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise QdllmError(f"{path}: folder {path.parent} does not exist")
+    _parent_exists(path)
     exists = path.exists() or path.is_symlink()
     if exists:
         refuse_unless_own_file(path)
@@ -101,9 +122,11 @@ def check_output_file(path: str | Path, overwrite: bool) -> Path:
 
 
 def check_output_folder(folder: str | Path, overwrite: bool) -> Path:
-    """A quantized-checkpoint output folder that may be written (replaced only when it is our own)."""
+    """A quantized-checkpoint output folder that may be written (replaced only when it is our own; its parent
+    folder must exist, as every output's)."""
     folder = Path(folder)
     if not (folder.exists() or folder.is_symlink()):
+        _parent_exists(folder)
         return folder
     if not folder.is_dir():
         raise QdllmError(f"{folder}: exists and is not a folder; choose another output folder")

@@ -60,7 +60,7 @@ def test_output_inside_or_around_an_input_is_refused(cli, model, tmp_path, verb,
 
 
 def test_output_that_is_the_calibration_file_is_refused(cli, model, tmp_path):
-    calib = tmp_path / "calib.txt"
+    calib = tmp_path / "calib.gguf"  # named as a GGUF output so that the overlap is what refuses it
     calib.write_text("To be, or not to be. " * 200)
     _refused(cli("gguf", model, calib, "--calib", calib, "--force"), "the output is the input")
     assert calib.read_text().startswith("To be")
@@ -157,7 +157,7 @@ def _readonly_run(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
-@pytest.mark.parametrize("verb,out", [("gguf", "m.gguf"), ("quantize", "q"), ("quantize", "sub/q")])
+@pytest.mark.parametrize("verb,out", [("gguf", "m.gguf"), ("quantize", "q")])
 def test_read_only_output_folder_is_one_line(tmp_path, verb, out):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -179,3 +179,43 @@ def test_os_error_during_writing_is_one_line(cli, model, tmp_path, monkeypatch):
     code, _, err = cli("gguf", model, tmp_path / "m.gguf", "--outtype", "f16")
     assert code == 1 and "Traceback" not in err
     assert err.strip() == f"error: {tmp_path / 'm.gguf'}: No space left on device"
+
+
+# ------------------------------------------------------------------------------ issue 15: what a new user still hits
+@pytest.mark.parametrize("verb,name,want", [("onnx", "cross.gguf", ".onnx"), ("gguf", "m.onnx", ".gguf"),
+                                            ("gguf", "m", ".gguf"), ("imatrix", "m.imatrix", ".gguf")])
+def test_output_extension_must_fit_the_verb(cli, model, tmp_path, verb, name, want):
+    """`onnx q/ cross.gguf --force` over a GGUF the tool wrote left ONNX bytes under a .gguf name; now every file
+    verb refuses an output whose extension is not its format's, before any work, and the file is untouched."""
+    out = tmp_path / name
+    if name == "cross.gguf":
+        assert cli("gguf", model, out, "--outtype", "f16")[0] == 0
+    before = out.read_bytes() if out.exists() else None
+    _refused(cli(verb, model, out, "--force"), f"writes {want[1:].upper()}", f"give the output a {want} name")
+    assert (out.read_bytes() if out.exists() else None) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model"] + ([name] if before is not None else []))
+
+
+@pytest.mark.parametrize("verb,out", [("quantize", "new/q"), ("gguf", "new/m.gguf"), ("onnx", "new/m.onnx"),
+                                      ("imatrix", "new/m.imatrix.gguf")])
+def test_missing_parent_folder_is_refused_by_every_verb(cli, model, tmp_path, verb, out):
+    """One rule for every output, files and checkpoint folders alike: its folder must exist (a mistyped path is
+    an error, as in llama-quantize), never created; nothing is written."""
+    _refused(cli(verb, model, tmp_path / out), f"folder {tmp_path / 'new'} does not exist", "create it first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_outputs_respect_the_umask(cli, model, tmp_path):
+    """A quantized checkpoint folder was created 0700 (mkdtemp) while its files were 0644: the folder, its files
+    and the GGUF / ONNX files written from it now all follow the umask, as files made with open() and mkdir do."""
+    old = os.umask(0o027)
+    try:
+        assert cli("quantize", model, tmp_path / "q", "--method", "rtn")[0] == 0
+        assert cli("gguf", tmp_path / "q", tmp_path / "q.gguf")[0] == 0
+        assert cli("onnx", tmp_path / "q", tmp_path / "q.onnx")[0] == 0
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "q") == 0o750
+    assert {mode(f) for f in (tmp_path / "q").iterdir()} == {0o640}
+    assert mode(tmp_path / "q.gguf") == mode(tmp_path / "q.onnx") == 0o640

@@ -175,6 +175,15 @@ def _writable(folder: Path) -> None:
         raise QdllmError(f"{f}: cannot write there ({e.strerror}); choose an output in a writable folder") from None
 
 
+def output_suffix(out: Path, suffix: str, verb: str) -> None:
+    """OUT's extension fits what ``verb`` writes (``gguf`` and ``imatrix`` write GGUF, ``onnx`` ONNX): a file's name
+    is how users and tools (``inspect``, llama.cpp, onnxruntime) tell the formats apart, and ``--force`` must not
+    put ONNX bytes under a ``.gguf`` name. Checked before any model loads."""
+    if Path(out).suffix.lower() != suffix:
+        raise QdllmError(f"{out}: `qdllm-export {verb}` writes {suffix[1:].upper()}; give the output a {suffix} name "
+                         f"(e.g. {Path(out).with_suffix(suffix).name})")
+
+
 def output_file(out: Path, force: bool, inputs: Iterable[Optional[Path]] = ()) -> Path:
     """OUT of ``gguf`` / ``onnx``: outside every input, a file (not a folder), replaced only when it is one
     qdllm-export wrote and ``--force`` is given, in a writable folder."""

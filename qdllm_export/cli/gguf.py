@@ -67,6 +67,7 @@ def gguf_(
     q: Any = None,
 ) -> None:
     """Write a llama.cpp GGUF (architecture llada / dream): binary planes, or stock ggml types llama.cpp runs."""
+    checks.output_suffix(out, ".gguf", "gguf")
     from formats.gguf import EMBED_TYPES, write_gguf
     from runtime_ref.gguf_model import GGUFBackend
 

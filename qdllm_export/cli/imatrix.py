@@ -37,6 +37,7 @@ def imatrix(
     from qdllm_export.imatrix import collect_imatrix
 
     t0 = time.time()
+    checks.output_suffix(out, ".gguf", "imatrix")  # llama.cpp's GGUF imatrix; e.g. model.imatrix.gguf
     folder = resolve(model)
     if not folder.is_dir() or is_quantized_checkpoint(folder):
         raise QdllmError(f"{model}: expected a float checkpoint folder (the activations of the unquantized model "

@@ -71,6 +71,7 @@ def onnx_(
 ) -> None:
     """Write an ONNX model (input_ids -> logits, bidirectional) whose quantized linears are qdllm.PlaneMatMul nodes
     (functions of standard ONNX ops defined inside the file) or com.microsoft.MatMulNBits nodes."""
+    checks.output_suffix(out, ".onnx", "onnx")
     from formats.onnx import write_onnx
     from runtime_ref.ort import OrtBackend
 
