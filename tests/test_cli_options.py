@@ -76,6 +76,14 @@ CASES = [
     (["onnx", LLADA, "{tmp}/m.onnx", "--accuracy-level", "4"], "--accuracy-level: not used with --kernel function"),
     (["onnx", LLADA, "{tmp}/m.onnx", "--outtype", "f32", "--kernel", "matmulnbits"], "--kernel: not used"),
     (["onnx", LLADA, "{tmp}/m.onnx", "--accuracy-level", "7", "--kernel", "matmulnbits"], "--accuracy-level"),
+    # issue 15: NaN named as such (was "should be <= 16" / the sampler's "top_p ... >= 0.0" after a progress bar)
+    (["gguf", LLADA, "{tmp}/m.gguf", "--outtype", "auto", "--bpw", "nan"], "'--bpw': nan is not a finite number"),
+    (["generate", DREAM, "--top-p", "nan"], "'--top-p': nan is not a finite number"),
+    (["generate", DREAM, "--top-p", "1.5"], "'--top-p': 1.5 is not in (0, 1]"),
+    (["onnx", LLADA, "{tmp}/m.onnx", "--outtype", "auto", "--bpw", "1.5"], "nearest reachable budget is --bpw 2.15"),
+    (["onnx", LLADA, "{tmp}/m.onnx", "--outtype", "auto", "--bpw", "2.2", "--block-size", "64"],
+     "or keep it with --block-size 128"),
+    (["onnx", LLADA, "{tmp}/m.onnx", "--outtype", "auto", "--bpw", "9"], "nearest reachable budget is --bpw 8.187"),
 ]
 # checked when PyTorch is about to load the model (they need torch itself to decide)
 TORCH_CASES = [
@@ -112,6 +120,7 @@ def test_refused_naming_the_flag_before_loading(results, i):
     assert code == 2, err
     assert "Traceback" not in err and "ImportError" not in err
     assert needle in err, err
+    assert "denoising" not in err and "larger --block-size" not in err  # no bar drawn; no impossible advice
     # one line for our own checks; click's usage errors add the usage line and a hint
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 or (lines[0].startswith("Usage:") and len(lines) <= 4), err
@@ -142,3 +151,47 @@ def test_verify_says_which_tolerance_broke():
                                                        "argmax agree 0.9700 < --min-agree 0.99",
                                                        "llada/random differs at token 5"]
     assert failures(rep, rtol=1e-2, min_agree=0.9)[:1] == ["llada/random differs at token 5"]
+
+
+def _float_options() -> list[tuple[str, str]]:
+    """(verb, --flag) of every float-typed option of every verb, read from the verbs' signatures."""
+    import typing
+
+    import typer
+
+    from qdllm_export.cli import app
+
+    cmd = typer.main.get_command(app)
+    out = []
+    for info in app.registered_commands:
+        verb = info.name or info.callback.__name__
+        hints = typing.get_type_hints(info.callback)
+        floats = {n for n, t in hints.items() if t in (float, typing.Optional[float])}
+        out += [(verb, p.opts[0]) for p in cmd.commands[verb].params if p.name in floats]
+    return out
+
+
+def test_every_float_option_refuses_nan_and_inf(tmp_path):
+    """Issue 15: Python's float() takes nan and inf, and every comparison with NaN is False, so range checks let
+    NaN through (or answered it with a range message). Every float option of every verb refuses nan, inf and
+    -inf by name, before any model loads (PyTorch blocked)."""
+    required = {"quantize": [LLADA, f"{tmp_path}/q"], "gguf": [LLADA, f"{tmp_path}/m.gguf"],
+                "onnx": [LLADA, f"{tmp_path}/m.onnx"], "verify": [LLADA, LLADA], "generate": [LLADA]}
+    opts = _float_options()
+    assert {f for _, f in opts} >= {"--bpw", "--bits", "--top-p", "--temperature", "--rtol", "--min-agree",
+                                    "--prefix-ratio", "--abmp-ratio", "--cfg-scale", "--alg-temp"}
+    argv = [[verb, *required[verb], f"{flag}={value}"] for verb, flag in opts for value in ("nan", "inf", "-inf")]
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argv), "block"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for args, (code, err) in zip(argv, json.loads(r.stdout.strip().splitlines()[-1])):
+        flag, value = args[-1].split("=")
+        assert code == 2 and f"'{flag}': {value} is not a finite number" in err, (args, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb,low,high", [("gguf", "2.31", "8.5"), ("onnx", "2.15", "8.19")])
+def test_bpw_help_gives_the_reachable_range(cli, verb, low, high):
+    """`--bpw`'s help showed [1, 16]; only about 2.31-8.5 (gguf) or 2.15-8.19 (onnx, block 128) can be reached."""
+    code, out, _ = cli(verb, "--help")
+    assert code == 0 and low in out and high in out and "16.0" not in out, out

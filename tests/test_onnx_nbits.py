@@ -241,7 +241,8 @@ def test_cli_refusals_leave_nothing(cli, tmp_path, monkeypatch):
     assert code == 2 and "tensor blk.0.ffn_down.weight has n_in=352, not a multiple of --block-size 64" in err
     assert "block sizes that fit every linear: 32" in err
     code, _, err = cli("onnx", "tiny-llada", out / "m.onnx", "--outtype", "auto", "--bpw", "2.1")
-    assert code == 2 and "--bpw 2.1 is below the smallest mix at --block-size 128" in err
+    assert code == 2 and "--bpw 2.1 cannot be met at --block-size 128" in err and "nearest reachable budget is --bpw 2.154" in err
+    assert "larger --block-size" not in err  # 128 is the largest offered (issue 15)
     import runtime_ref.ort as ro
 
     monkeypatch.setitem(ro._NBITS_PROBED, 2, ro.nbits_unsupported(2, "1.22.0", "a made-up refusal"))

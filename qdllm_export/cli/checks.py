@@ -12,6 +12,7 @@ A verb (or an option added later) composes these; none of them imports torch.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -40,14 +41,27 @@ def one_of(*choices: str) -> Callable[[Optional[str]], Optional[str]]:
     return check
 
 
-def between(low: float, high: float, low_open: bool = False,
+def finite(value: Optional[float]) -> Optional[float]:
+    """A Typer option callback refusing NaN and +-inf (Python's ``float()`` accepts ``nan`` and ``inf``, and every
+    comparison with NaN is False, so a range check alone lets it through). Every float option runs it, alone or
+    inside :func:`between`; ranges go into ``between``, not Typer's ``min=``/``max=`` (checked before any callback,
+    those would answer NaN with a range message)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def between(low: float, high: float = math.inf, low_open: bool = False,
             high_open: bool = False) -> Callable[[Optional[float]], Optional[float]]:
-    """A Typer option callback for a number in ``[low, high]`` (an end excluded with ``low_open``/``high_open``)."""
+    """A Typer option callback for a finite number in ``[low, high]`` (an end excluded with ``low_open``/``high_open``;
+    ``high`` left out: no upper end)."""
 
     def check(value: Optional[float]) -> Optional[float]:
-        if value is None:
+        if finite(value) is None:
             return value
         if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            if math.isinf(high):
+                raise typer.BadParameter(f"{value:g} is not {'>' if low_open else '>='} {low:g}")
             span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
             raise typer.BadParameter(f"{value:g} is not in {span}")
         return value
@@ -70,6 +84,8 @@ def float_list(flag: str, text: str, lo: float, hi: float) -> list[float]:
         raise QdllmError(f"{flag} {text!r}: expected comma-separated numbers like 0.15,0.5,0.9") from None
     if not values:
         raise QdllmError(f"{flag} is empty; give at least one number")
+    if not all(math.isfinite(v) for v in values):
+        raise QdllmError(f"{flag} {text!r}: {next(v for v in values if not math.isfinite(v))} is not a finite number")
     bad = [v for v in values if not lo <= v <= hi]
     if bad:
         raise QdllmError(f"{flag} {text!r}: {bad[0]:g} is outside [{lo:g}, {hi:g}]")

@@ -81,7 +81,7 @@ def print_closing(info: dict[str, Any], seconds: float) -> None:
 # The quantization options every export verb takes (same names and defaults as ``quantize``).
 def quant_options(
     method: str = typer.Option("quant-dllm", help="quant-dllm | gptq | rtn (used when MODEL is a plain checkpoint)."),
-    bits: float = typer.Option(2.0, help="Budget: mean binary planes per block (quant-dllm) or integer bits (rtn/gptq)."),
+    bits: float = typer.Option(2.0, callback=checks.finite, help="Budget: mean binary planes per block (quant-dllm) or integer bits (rtn/gptq)."),
     group_size: int = typer.Option(128, min=8, help="Columns per block (a multiple of 8)."),
     calib: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Calibration text or JSONL (default: bundled Shakespeare train text)."),
     calib_samples: int = typer.Option(128, min=1, help="Calibration windows."),

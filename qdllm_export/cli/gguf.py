@@ -56,7 +56,7 @@ def gguf_(
     model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or tiny-llada / tiny-dream."),
     out: Path = typer.Argument(..., help="Output .gguf path (written to a temporary file, renamed at the end)."),
     outtype: str = typer.Option(PLANES, callback=outtype_option, help="planes (binary planes: qdllm runtimes only; old name 'quantized') | stock llama.cpp types: q2_k q3_k q4_k q5_k q6_k q8_0 iq2_xs iq2_s iq3_s, auto (with --bpw) | f16 | f32."),
-    bpw: Optional[float] = typer.Option(None, min=1.0, max=16.0, help="--outtype auto: mean stored bits per weight of the block linears, e.g. 2.5."),
+    bpw: Optional[float] = typer.Option(None, callback=checks.finite, help="--outtype auto: mean stored bits per weight of the block linears, e.g. 2.5; reachable: about 2.31 (iq2_xs everywhere) to 8.5 (q8_0 everywhere), as the model's widths allow (a budget outside is refused, naming the nearest reachable one)."),
     rounding: Optional[str] = typer.Option(None, callback=rounding_option, help="Stock types: gptq (default: calibrated GPTQ rounding, error compensation between ggml blocks, per linear the scale refit with less output error) | importance (importance-weighted fit, no compensation) | rtn (no data); the ablation."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Stock types: calibrate each group of linears on the block with the earlier groups already quantized."),
     imatrix: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Stock types: a llama.cpp imatrix file as the importance instead of calibrating (importance rounding; refused if made for another model)."),

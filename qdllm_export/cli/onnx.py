@@ -52,7 +52,7 @@ def onnx_(
     outtype: str = typer.Option("planes", callback=_outtype,
                                 help="planes (binary planes as qdllm ops; old name: quantized) | int2 | int4 | int8 | auto "
                                      "(onnxruntime's MatMulNBits grid, one node per linear) | f32 | f16."),
-    bpw: Optional[float] = typer.Option(None, min=1.0, max=16.0, help="--outtype auto: budget in stored bits per weight of the linears (scales included), e.g. 2.5."),
+    bpw: Optional[float] = typer.Option(None, callback=checks.finite, help="--outtype auto: budget in stored bits per weight of the linears (scales included), e.g. 2.5; reachable: about 2.15 (int2 everywhere) to 8.19 (int8 everywhere) at --block-size 128, 2.28-8.38 at 64, 2.56-8.75 at 32 (a budget outside is refused, naming the nearest reachable one)."),
     block_size: Optional[int] = typer.Option(None, callback=_block_size, help="int2/int4/int8/auto: columns per scale and zero point, 32 | 64 | 128 (default: "
                                                  "fastest at accuracy level 4 on AVX2, and int2 at 2.15 bits per weight leaves "
                                                  "auto room under --bpw 2.5; 32 loses less)."),

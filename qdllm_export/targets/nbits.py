@@ -11,6 +11,7 @@ first measures every linear's output error at 2, 4 and 8 bits and picks one per 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -72,18 +73,31 @@ def check_block_size(hp: HParams, block_size: int, where: str | Path) -> None:
     raise QdllmError(f"{where}: tensor {bad} has n_in={widths[bad]}, not a multiple of --block-size {block_size}; {hint}")
 
 
-def check_budget(hp: HParams, spec: NBitsSpec, where: str | Path) -> None:
-    """``auto``: refuse a ``bpw`` outside what mixes of the candidate bits can reach, before any work."""
-    if spec.outtype != "auto":
-        return
+def budget_range(hp: HParams, bits: tuple[int, ...], block_size: int) -> tuple[float, float]:
+    """(lowest, highest) stored bits per weight of the linears over mixes of ``bits`` at ``block_size``."""
     shapes = [canonical_shape(hp, n) for n in canonical_names(hp) if is_linear(hp, n)]
     total = sum(o * i for o, i in shapes)
-    lo, hi = (sum(o * i * stored_bits_per_weight(i, b, spec.block_size) for o, i in shapes) / total
-              for b in (min(spec.bits), max(spec.bits)))
-    if not lo <= spec.bpw:
-        raise QdllmError(f"{where}: --bpw {spec.bpw:g} is below the smallest mix at --block-size {spec.block_size}: every "
-                         f"linear int{min(spec.bits)} stores {lo:.3f} bits per weight (reachable: {lo:.3f} to {hi:.3f}); "
-                         "raise --bpw or use a larger --block-size")
+    lo, hi = (sum(o * i * stored_bits_per_weight(i, b, block_size) for o, i in shapes) / total
+              for b in (min(bits), max(bits)))
+    return lo, hi
+
+
+def check_budget(hp: HParams, spec: NBitsSpec, where: str | Path) -> None:
+    """``auto``: refuse a ``bpw`` outside what mixes of the candidate bits can reach at ``spec.block_size``,
+    before any work, naming the nearest reachable budget (and a larger offered block size that would meet it)."""
+    if spec.outtype != "auto":
+        return
+    lo, hi = budget_range(hp, spec.bits, spec.block_size)
+    span = f"int{min(spec.bits)} everywhere {lo:.3f} to int{max(spec.bits)} everywhere {hi:.3f}"
+    if spec.bpw < lo - 1e-9:
+        fits = [b for b in BLOCK_SIZES if b > spec.block_size and budget_range(hp, spec.bits, b)[0] <= spec.bpw + 1e-9]
+        alt = f", or keep it with --block-size {fits[0]}" if fits else ""
+        raise QdllmError(f"{where}: --bpw {spec.bpw:g} cannot be met at --block-size {spec.block_size} (reachable: {span}); "
+                         f"the nearest reachable budget is --bpw {math.ceil(lo * 1000) / 1000:.3f}{alt}")
+    if spec.bpw > hi + 1e-9:
+        raise QdllmError(f"{where}: --bpw {spec.bpw:g} is more than the largest mix spends at --block-size {spec.block_size} "
+                         f"(reachable: {span}); the nearest reachable budget is --bpw {math.floor(hi * 1000) / 1000:.3f} "
+                         "(or use --outtype f16)")
 
 
 def nbits_target(folder: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, device: str = "cpu",
