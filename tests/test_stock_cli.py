@@ -172,6 +172,7 @@ def test_fallback_for_widths_the_block_does_not_divide(tmp_path, cli):
     out = tmp_path / "m.gguf"
     code, text, err = cli("gguf", folder, out, "--outtype", "q2_k", "--rounding", "rtn", "--json")
     assert code == 0, err
+    assert json.loads(text)["qdllm"]["calibration"] == "none"  # rtn reads no text (issue 15: it said "mcs")
     fb = json.loads(text)["fallbacks"]
     assert fb == {"token_embd.weight": "Q5_0", "output.weight": "Q8_0",
                   **{f"blk.0.{r}.weight": "IQ4_NL" for r in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")}}

@@ -147,7 +147,8 @@ def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
             _, rec = quantize_stock(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer)
         meta = {"target": "ggml", "method": rec["method"], "rounding": spec.rounding if not imatrix else "importance",
                 "true_sequential": true_sequential, "bits_per_weight_linear": rec["bits_per_weight_linear"],
-                "calibration": "imatrix" if imatrix else ("mcs" if ccfg.mcs else "plain"),
+                "calibration": "imatrix" if imatrix else "none" if rounding == "rtn" and outtype != "auto" else
+                ("mcs" if ccfg.mcs else "plain"),  # rtn reads no text; auto's sensitivity pass does
                 **({"bpw": bpw} if bpw is not None else {}), "fallbacks": rec.get("fallbacks", {}),
                 **({"type_counts": rec["type_counts"]} if "type_counts" in rec else {})}
         yield QuantizedCheckpoint(tmp / "q"), load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None, meta
