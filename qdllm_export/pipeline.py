@@ -35,6 +35,7 @@ from qdllm_export.models.layers import rope_tables
 from qdllm_export.quant import HessianAccumulator, QuantConfig
 from qdllm_export.targets.base import Target
 from qdllm_export.targets.planes import as_target
+from qdllm_export.timing import phase, start_block
 
 OnLayer = Callable[[int, int, str], None]
 
@@ -66,7 +67,14 @@ class PipelineResult:
 
 
 # ------------------------------------------------------------------------------------------ block helpers
-def _load_block(src: HFTensors, i: int, device: str) -> torch.nn.Module:
+def _load_block(src: HFTensors, i: int, device: str, pass_name: str = "quantize") -> torch.nn.Module:
+    """Block ``i`` of ``src`` in float32 on ``device`` (starts block ``i`` of ``pass_name`` in ``qdllm_export.timing``)."""
+    start_block(pass_name, i)
+    with phase("load"):
+        return _load_block_weights(src, i, device)
+
+
+def _load_block_weights(src: HFTensors, i: int, device: str) -> torch.nn.Module:
     hp = src.hparams
     block = family_module(hp).Block(hp).to(device=device, dtype=torch.float32)
     prefix = hp.spec.layer_prefix.format(i=i)
@@ -99,7 +107,7 @@ def _fast(x: torch.Tensor):
 def _run_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
                keep: bool = True) -> torch.Tensor | None:
     """``block`` over ``x [N, L, d]`` in batches; writes the outputs into ``x`` in place unless ``keep`` is False."""
-    with _fast(x):
+    with _fast(x), phase("forward"):
         for s in range(0, x.shape[0], batch):
             y = block(x[s : s + batch], cos, sin)
             if keep:
@@ -123,7 +131,7 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
 
     def seen(r: str, inp: tuple[torch.Tensor, ...]) -> None:
         if src[r] == r:
-            with _tf32(False):
+            with _tf32(False), phase("hessian"):
                 acc[r].add_batch(inp[0])
         pending.discard(r)
         if not pending:
@@ -131,7 +139,7 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
 
     hooks = [linears[r].register_forward_hook(lambda mod, inp, out, r=r: seen(r, inp)) for r in roles]
     try:
-        with _fast(x):
+        with _fast(x), phase("forward"):
             for s in range(0, x.shape[0], batch):
                 pending.update(roles)
                 try:
@@ -180,7 +188,8 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     data = calib.x is not None
     Hs = collect_hessians(block, roles, calib.x, calib.cos, calib.sin, calib.batch) if data else None
     y_ref = _run_block(block, calib.x[: calib.batch].clone(), calib.cos, calib.sin, calib.batch) if data else None
-    plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
+    with phase("plan"):
+        plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
     out: dict[str, Any] = {}
     for g, group in enumerate(sequential_groups(roles) if true_sequential else [roles]):
         if data and g > 0:
@@ -189,7 +198,9 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
             names = [f"blk.{i}.{r}.weight" for r in group]
             if on_layer:
                 on_layer(i, n_layers, " + ".join(n.split(".", 2)[2] for n in names))
-            stacked = target.quantize_stacked(names, [linears[r].weight.data for r in group], None if Hs is None else Hs[group[0]])
+            with phase("fit:" + "+".join(group)):
+                stacked = target.quantize_stacked(names, [linears[r].weight.data for r in group],
+                                                  None if Hs is None else Hs[group[0]])
             if stacked is not None:
                 for r, name, res in zip(group, names, stacked):
                     out[r] = _store_result(linears[r], name, res, result)
@@ -198,8 +209,9 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
             name = f"blk.{i}.{r}.weight"
             if on_layer:
                 on_layer(i, n_layers, name + (f" (last: {_err_text(result.layers[-1])})" if result.layers else ""))
-            out[r] = _store_result(linears[r], name, target.quantize(name, linears[r].weight.data,
-                                                                     None if Hs is None else Hs[r], plan[r]), result)
+            with phase("fit:" + r):
+                res = target.quantize(name, linears[r].weight.data, None if Hs is None else Hs[r], plan[r])
+            out[r] = _store_result(linears[r], name, res, result)
     if data:
         del Hs
         _run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
@@ -211,7 +223,7 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
 def _store_result(m: torch.nn.Linear, name: str, res: tuple[Any, torch.Tensor, dict[str, Any]], result: PipelineResult) -> Any:
     """Put a quantized linear's stored values into the block and report it; returns the stored tensor."""
     stored, _, stats = res
-    with torch.no_grad():
+    with torch.no_grad(), phase("store"):
         m.weight.copy_(dequantize_torch(stored, m.weight.device))  # the stored values are the truth
     rec = record_of(stored)
     detail = f"{stored.mean_planes():.2f} planes" if rec["kind"] == "planes" else str(stats.get("grid", rec.get("ggml_type", "")))

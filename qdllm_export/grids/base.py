@@ -32,6 +32,7 @@ import torch
 
 from formats.errors import QdllmError
 from qdllm_export.quant.hessian import inverse_hessian_factor
+from qdllm_export.timing import phase
 
 ROUNDINGS = ("rtn", "importance", "gptq")
 IMPORTANCES = ("hdiag", "schur")
@@ -54,6 +55,10 @@ class Grid(Protocol):
         """Stored values ``[n_out, unit]`` nearest to columns ``c .. c+unit-1`` of the block, ``w [n_out, unit]``;
         records the chosen codes in ``state``."""
         ...
+
+    # optional: ``round_plain(state, Wb)``: the codes ``round`` would record for every column of ``Wb [n_out, block]``
+    # when nothing is compensated between them (``rtn``, ``importance``), recorded at once (the same codes; a
+    # grid whose ``init`` already recorded them does nothing). Without it the driver calls ``round`` unit by unit.
 
     def refit(self, state: Any, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
         """Final stored values ``[n_out, block]`` of the block; with ``refit`` the parameters are first
@@ -137,9 +142,10 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U = None
-    if data and (cfg.rounding == "gptq" or cfg.importance == "schur"):
-        U = inverse_hessian_factor(H, W, cfg.percdamp, name)  # zeroes dead columns of W
-    imp = column_factor(H, U, cfg.importance, grid.block) if data else None
+    with phase("grid:factor"):
+        if data and (cfg.rounding == "gptq" or cfg.importance == "schur"):
+            U = inverse_hessian_factor(H, W, cfg.percdamp, name)  # zeroes dead columns of W
+        imp = column_factor(H, U, cfg.importance, grid.block) if data else None
     if imp is not None:
         imp = imp / imp.mean().clamp_min(1e-30)
     if cfg.rounding != "gptq":
@@ -153,18 +159,24 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
         W_start = W[:, c0:c1].clone()
         orig = W_start if inv is None else W_start[:, inv]
         ib = None if imp is None else imp[c0:c1] if inv is None else imp[c0:c1][inv]
-        state = grid.init(orig, ib)
-        T = _round_block(grid, state, W_start, None if U is None else U[c0:c1, c0:c1], lp)
-        Q = grid.refit(state, T if inv is None else T[:, inv], ib, cfg.refit)
+        with phase("grid:init"):
+            state = grid.init(orig, ib)
+        with phase("grid:loop"):
+            T = _round_block(grid, state, W_start, None if U is None else U[c0:c1, c0:c1], lp)
+        with phase("grid:refit"):
+            Q = grid.refit(state, T if inv is None else T[:, inv], ib, cfg.refit)
         Qp = Q if lp is None else Q[:, lp]
         W_hat[:, c0:c1] = Qp
         states.append(state)
         if U is not None and c1 < n_in:
-            Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], W_start - Qp, upper=True, left=False)
-            W[:, c1:] -= Err @ U[c0:c1, c1:]
+            with phase("grid:compensate"):
+                Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], W_start - Qp, upper=True, left=False)
+                W[:, c1:] -= Err @ U[c0:c1, c1:]
     if perm is not None:
         W_hat = W_hat[:, torch.argsort(perm)]
-    return GridResult(stored=grid.pack(states, (n_out, n_in), name), w_hat=W_hat)
+    with phase("grid:pack"):
+        stored = grid.pack(states, (n_out, n_in), name)
+    return GridResult(stored=stored, w_hat=W_hat)
 
 
 def _block_order(H: torch.Tensor, block: int) -> torch.Tensor:
@@ -180,6 +192,9 @@ def _round_block(grid: Grid, state: Any, Wb: torch.Tensor, Ubb: torch.Tensor | N
     when rounded (the targets of the refit). Without ``Ubb`` it is plain rounding. ``cols`` (unit 1):
     the block's original column index of each position (act-order), else positions are columns."""
     W1 = Wb.clone()
+    if Ubb is None and cols is None and hasattr(grid, "round_plain"):
+        grid.round_plain(state, W1)  # nothing to compensate: every column at once (rtn, importance)
+        return W1
     B, u = Wb.shape[1], grid.unit
     idx = None if cols is None else cols.tolist()
     for c in range(0, B, u):

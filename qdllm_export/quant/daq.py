@@ -32,6 +32,7 @@ from .abmp import abmp_assign, uniform_planes
 from .common import PlaneCollector, to_fp16_checked
 from .config import QuantConfig
 from .hessian import inverse_hessian_factor
+from ..timing import phase
 
 # ---------------------------------------------------------------------------------------------
 # block-level math (all torch, float32, [n, G] blocks)
@@ -192,17 +193,19 @@ def daq_block(
     W = W.to(torch.float32)
     if A is None:
         A = torch.ones_like(W)
-    rs, cs, S = greedy_init(W, K)
-    losses = [weighted_loss(W, A, planes_sum(rs, cs, S))] if track else []
-    for _ in range(iters):
-        rsr_sweep(W, A, rs, cs, S, M)
-        S = joint_reround(W, rs, cs)
-        if track:
-            losses.append(weighted_loss(W, A, planes_sum(rs, cs, S)))
+    with phase("daq:iters"):
+        rs, cs, S = greedy_init(W, K)
+        losses = [weighted_loss(W, A, planes_sum(rs, cs, S))] if track else []
+        for _ in range(iters):
+            rsr_sweep(W, A, rs, cs, S, M)
+            S = joint_reround(W, rs, cs)
+            if track:
+                losses.append(weighted_loss(W, A, planes_sum(rs, cs, S)))
     if Ubb is not None:
-        for _ in range(rounds):
-            S, T = gptq_reround(W, rs, cs, Ubb)
-            rsr_sweep(T, A, rs, cs, S, M)
+        with phase("daq:gptq"):
+            for _ in range(rounds):
+                S, T = gptq_reround(W, rs, cs, Ubb)
+                rsr_sweep(T, A, rs, cs, S, M)
     if fp16:
         balance_scales(rs, cs)
         rs = to_fp16_checked(rs, "a row scale", name)
@@ -338,7 +341,8 @@ def _daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, pla
     n_out, n_in = W.shape
     G = cfg.group_size
     nb = n_in // G
-    ctx = layer_context(W, H, cfg, name)
+    with phase("daq:context"):
+        ctx = layer_context(W, H, cfg, name)
     if planes is None:
         if cfg.abmp:
             planes = abmp_assign(ctx.scores, cfg.bits, cfg.abmp_ratio, what=name)
@@ -359,13 +363,14 @@ def _daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, pla
         W_hat[:, c0:c1] = blk.Q
         col.add_block(j, blk.rs, blk.cs, blk.S > 0)
         if U is not None and c1 < n_in:
-            D = Wb - blk.Q
-            Ub = U[c0:c1, c0:c1]
-            if cfg.compensation == "exact":
-                Err = torch.linalg.solve_triangular(Ub, D, upper=True, left=False)
-            else:
-                Err = D / torch.diag(Ub)[None, :]
-            W[:, c1:] -= Err @ U[c0:c1, c1:]
+            with phase("daq:compensate"):
+                D = Wb - blk.Q
+                Ub = U[c0:c1, c0:c1]
+                if cfg.compensation == "exact":
+                    Err = torch.linalg.solve_triangular(Ub, D, upper=True, left=False)
+                else:
+                    Err = D / torch.diag(Ub)[None, :]
+                W[:, c1:] -= Err @ U[c0:c1, c1:]
     meta = {"method": "quant-dllm", "bits": cfg.bits}
     qt = col.build(mu=None, name=name, meta=meta)
     return qt, W_hat, planes

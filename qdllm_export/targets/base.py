@@ -19,6 +19,7 @@ import torch
 
 from qdllm_export.grids import Grid, GridConfig, grid_quantize
 from qdllm_export.quant import error_stats
+from qdllm_export.timing import phase
 
 
 class Target(Protocol):
@@ -55,7 +56,8 @@ class GridTarget:
         t0 = time.perf_counter()
         grid = self.grid_of(name, int(W.shape[1]))
         res = grid_quantize(W, H, grid, self.cfg, name=name)
-        stats = error_stats(W.detach().to(torch.float32), res.w_hat, H)
+        with phase("stats"):
+            stats = error_stats(W.detach().to(torch.float32), res.w_hat, H)
         stats.update(method=f"grid-{self.cfg.rounding}", grid=grid.name, bits_per_weight=res.stored.bits_per_weight(),
                      seconds=time.perf_counter() - t0)
         return res.stored, res.w_hat, stats
@@ -74,7 +76,8 @@ class GridTarget:
         for n, W in zip(names, Ws):
             b = a + W.shape[0]
             stored, w_hat = res.stored.rows(a, b, name=n), res.w_hat[a:b]
-            stats = error_stats(W.detach().to(torch.float32), w_hat, H)
+            with phase("stats"):
+                stats = error_stats(W.detach().to(torch.float32), w_hat, H)
             stats.update(method=f"grid-{self.cfg.rounding}", grid=grids[0].name, bits_per_weight=stored.bits_per_weight(),
                          seconds=(time.perf_counter() - t0) / len(names))
             out.append((stored, w_hat, stats))

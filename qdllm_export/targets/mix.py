@@ -29,6 +29,7 @@ from formats.tensors import HFTensors
 from qdllm_export.calib import CalibConfig
 from qdllm_export.grids import Grid, GridConfig, grid_quantize
 from qdllm_export.quant.common import output_error
+from qdllm_export.timing import phase
 
 GridFactory = Callable[[int], Grid]  # n_in -> grid (with the type's fallback for widths it cannot take)
 
@@ -63,7 +64,7 @@ def measure_sensitivity(model_dir: str | Path, candidates: dict[str, GridFactory
     sens = Sensitivity()
     cfg = GridConfig(rounding="importance", refit=True)
     for i in range(hp.n_layers):
-        block = _load_block(src, i, device)
+        block = _load_block(src, i, device, pass_name="sensitivity")
         linears = block.linears()
         Hs = collect_hessians(block, list(linears), calib.x, calib.cos, calib.sin, batch)
         for r, m in linears.items():
@@ -76,8 +77,9 @@ def measure_sensitivity(model_dir: str | Path, candidates: dict[str, GridFactory
             sens.errors[name], sens.bits[name], sens.actual[name] = {}, {}, {}
             for cand, make in candidates.items():
                 grid = make(W.shape[1])
-                res = grid_quantize(W, Hs[r], grid, cfg, name=name)
-                sens.errors[name][cand] = scale * output_error(W, res.w_hat, Hs[r])[0]
+                with phase("sens:" + cand):
+                    res = grid_quantize(W, Hs[r], grid, cfg, name=name)
+                    sens.errors[name][cand] = scale * output_error(W, res.w_hat, Hs[r])[0]
                 sens.bits[name][cand] = float(res.stored.bits_per_weight())
                 sens.actual[name][cand] = grid.name
         del Hs
