@@ -162,10 +162,17 @@ class ModelHeader:
     tokenizer: Any  # tokenizers.Tokenizer or None
     opened: Any = None  # the Backend itself when opening it costs nothing (a memory-mapped GGUF)
     runtime: str | None = None  # engine of a .gguf file (RUNTIMES); None: numpy
+    parsed: Any = None  # the parsed GGUFModel of a .gguf run by llama.cpp (handed on, not parsed again)
 
     def open(self, dtype: str = "float32", device: str = "cpu") -> Backend:
         """The model as a Backend (this is where PyTorch, onnxruntime or llama.cpp load the weights)."""
-        return self.opened if self.opened is not None else open_model(self.model, dtype, device, self.runtime)
+        if self.opened is not None:
+            return self.opened
+        if self.parsed is not None:
+            from runtime_ref.llamacpp import LlamaCppBackend
+
+            return LlamaCppBackend(self.source, model_file=self.parsed)
+        return open_model(self.model, dtype, device, self.runtime)
 
 
 def read_header(model: str, runtime: str | None = None) -> ModelHeader:
@@ -182,7 +189,7 @@ def read_header(model: str, runtime: str | None = None) -> ModelHeader:
 
             check_runs_in_llama_cpp(be.model)
             load_llama_cpp()
-            return ModelHeader(model, kind, be.source, be.hparams, be.tokenizer, runtime=runtime)
+            return ModelHeader(model, kind, be.source, be.hparams, be.tokenizer, runtime=runtime, parsed=be.model)
         return ModelHeader(model, kind, be.source, be.hparams, be.tokenizer, opened=be)
     if kind == "onnx":
         from formats.onnx import read_onnx_info

@@ -34,16 +34,39 @@ _LOG_CB = None  # keeps the no-op log callback alive
 
 
 def load_llama_cpp() -> Any:
-    """The ``llama_cpp`` module with its backend initialised and its logging silenced."""
+    """The ``llama_cpp`` module with its backend initialised and its logging silenced.
+
+    llama-cpp-python's ggml is built with OpenMP (libgomp), whose threads spin at every barrier of every
+    graph node by default. On a machine where another process holds a core, a spinning thread waits for a
+    descheduled one and each forward runs 5-10x slower (docs/benchmarks.md, "llama.cpp steps"), so the first
+    import loads libgomp with ``OMP_WAIT_POLICY=passive`` (threads sleep at once). Only libgomp's start-up
+    reads the variable; the environment is restored right after, and a value the user exported wins.
+    """
     global _LOG_CB
     try:
-        import llama_cpp
+        llama_cpp = _import_llama_cpp()
     except ImportError:
         raise QdllmError(f"--runtime llama.cpp needs llama-cpp-python: {EXTRA}") from None
     if _LOG_CB is None:
         _LOG_CB = llama_cpp.llama_log_callback(lambda level, text, user: None)
         llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p())
         llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def _import_llama_cpp() -> Any:
+    """``import llama_cpp`` with ``OMP_WAIT_POLICY=passive`` in the environment while libgomp starts."""
+    import sys
+
+    if "llama_cpp" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        import llama_cpp
+
+        return llama_cpp
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        import llama_cpp
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
     return llama_cpp
 
 
@@ -60,8 +83,11 @@ class LlamaCppBackend:
 
     runtime = "llama.cpp"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.model_file: GGUFModel = read_gguf(path)  # validates the file; hparams and tokenizer from it
+    def __init__(self, path: str | Path, threads: int | None = None, model_file: GGUFModel | None = None):
+        """Load ``path`` into llama.cpp. ``model_file``: the same file already parsed by ``read_gguf`` (else it
+        is parsed here, which validates it). ``threads``: llama.cpp's n_threads (default: the environment's
+        ``QDLLM_LLAMACPP_THREADS``, else all cores up to 8)."""
+        self.model_file: GGUFModel = model_file or read_gguf(path)  # hparams and tokenizer from it
         check_runs_in_llama_cpp(self.model_file)
         self.hparams = self.model_file.hparams
         self.tokenizer = self.model_file.tokenizer
@@ -77,13 +103,15 @@ class LlamaCppBackend:
         self.n_vocab = int(L.llama_vocab_n_tokens(vocab))
         if self.n_vocab != self.hparams.n_vocab:
             raise QdllmError(f"{path}: llama.cpp sees {self.n_vocab} tokens, the file's token_embd {self.hparams.n_vocab}")
-        self._ctx: tuple[int, Any, Any] | None = None  # (length, context, batch)
+        self._ctx: tuple[int, Any, Any, np.ndarray] | None = None  # (length, context, batch, its token array)
 
     # ---------------------------------------------------------------------------------------- contexts
-    def _context(self, t: int) -> tuple[Any, Any]:
-        """A context and batch for canvases of ``t`` tokens (made once per length, the last one kept)."""
+    def _context(self, t: int) -> tuple[Any, Any, np.ndarray]:
+        """A context, a batch and a writable int32 ``[t]`` view of the batch's tokens for canvases of ``t``
+        tokens (made once per length, the last one kept). Positions ``0..t-1``, sequence 0 and the logits
+        flags are written once here; a call only writes the tokens."""
         if self._ctx is not None and self._ctx[0] == t:
-            return self._ctx[1], self._ctx[2]
+            return self._ctx[1], self._ctx[2], self._ctx[3]
         self._free_context()
         L = self._L
         cp = L.llama_context_default_params()
@@ -95,15 +123,22 @@ class LlamaCppBackend:
             raise QdllmError(f"{self.source}: llama.cpp could not create a context of {t} tokens")
         L.llama_set_causal_attn(ctx, False)
         batch = L.llama_batch_init(t, 0, 1)
-        self._ctx = (t, ctx, batch)
-        return ctx, batch
+        batch.n_tokens = t
+        np.ctypeslib.as_array(batch.pos, shape=(t,))[:] = np.arange(t)
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(t,))[:] = 1
+        np.ctypeslib.as_array(batch.logits, shape=(t,))[:] = 1
+        for i in range(t):
+            batch.seq_id[i][0] = 0
+        tokens = np.ctypeslib.as_array(batch.token, shape=(t,))
+        self._ctx = (t, ctx, batch, tokens)
+        return ctx, batch, tokens
 
     def _free_context(self) -> None:
         if self._ctx is not None:
-            _, ctx, batch = self._ctx
+            _, ctx, batch, _ = self._ctx
+            self._ctx = None
             self._L.llama_batch_free(batch)
             self._L.llama_free(ctx)
-            self._ctx = None
 
     def close(self) -> None:
         """Free llama.cpp's context and model (also done when the backend is garbage-collected)."""
@@ -128,13 +163,10 @@ class LlamaCppBackend:
         if ids.min(initial=0) < 0 or ids.max(initial=0) >= self.n_vocab:
             raise QdllmError(f"{self.source}: token ids must lie in [0, {self.n_vocab})")
         L = self._L
-        ctx, batch = self._context(t)
+        ctx, batch, tokens = self._context(t)
         out = np.empty((B, t, self.n_vocab), np.float32)
         for b in range(B):
-            batch.n_tokens = t
-            for i in range(t):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(ids[b, i]), i, 1, 1
-                batch.seq_id[i][0] = 0
+            tokens[:] = ids[b]
             rc = L.llama_decode(ctx, batch)
             if rc != 0:
                 raise QdllmError(f"{self.source}: llama_decode failed (code {rc}) on a canvas of {t} tokens")
