@@ -84,6 +84,14 @@ class QuantizedCheckpoint:
     def dtype(self) -> str:
         return str(self.record.get("source_dtype", "F32"))
 
+    def stored_type(self, name: str) -> str:
+        """The type ``name`` is held in: a ggml type (``Q4_K``), ``planes``, ``nbits`` or the float dtype
+        (``F16``, ``F32``, ``BF16``)."""
+        info = self.quantized.get(name)
+        if info is None:
+            return self.ckpt.dtype(self.hf[name])
+        return str(info["ggml_type"]) if info.get("kind") == "ggml" else str(info.get("kind", "planes"))
+
 
 class QuantizedCheckpointWriter:
     """Writes a quantized checkpoint shard by shard into a temporary folder; ``finish`` renames it.
@@ -106,12 +114,13 @@ class QuantizedCheckpointWriter:
         self.weight_map: dict[str, str] = {}
         self.total = 0
 
-    def add_shard(self, floats: dict[str, np.ndarray], quantized: dict[str, Any], bf16: bool) -> None:
-        """One shard: float tensors by HF name (stored bf16 when ``bf16``) and stored quantized ones
-        (any kind of ``formats.stored``)."""
+    def add_shard(self, floats: dict[str, np.ndarray], quantized: dict[str, Any], bf16: bool,
+                  as_is: dict[str, np.ndarray] | None = None) -> None:
+        """One shard: float tensors by HF name (stored bf16 when ``bf16``), stored quantized ones (any kind of
+        ``formats.stored``) and float tensors kept in their own dtype (``as_is``: tables chosen f16 / f32)."""
         self.shard += 1
         fname = f"model-{self.shard:05d}-of-{self.n_shards:05d}.safetensors"
-        tensors: dict[str, np.ndarray] = dict(floats)
+        tensors: dict[str, np.ndarray] = {**floats, **(as_is or {})}
         for hf, qt in quantized.items():
             for f, arr in qt.arrays().items():
                 tensors[hf + SUFFIX + f] = arr

@@ -206,10 +206,31 @@ class _Writer:
         """gguf-py type name of a tensor the source holds as floats."""
         if name.endswith("norm.weight") or name.endswith(".bias"):
             return "F32"
-        if name in self.embed_types:
-            t = self.embed_types[name].upper()
+        if name in EMBED_ROLES:
+            t = (self.embed_types.get(name) or self._table_default(name)).upper()
             return t if t in ("F32", "F16") else self.encoder.type_of(name, t, canonical_shape(self.hp, name)[1])
         return "F32" if self.outtype == "f32" else "F16"
+
+    def _table_default(self, name: str) -> str:
+        """A float table's type when none is asked for: f32 for outtype f32, else the dtype the source stores
+        it in where that is f32 (a quantized checkpoint's table chosen f32), else f16."""
+        stored = getattr(self.source, "stored_type", None)
+        if self.outtype == "f32" or (stored is not None and stored(name) == "F32"):
+            return "f32"
+        return "f16"
+
+    def _table_plan(self, name: str, shape: tuple[int, ...]) -> "_Plan | None":
+        """The plan of a table the source stores in a ggml type: written as stored (a file holds what its
+        checkpoint holds), except in the float outtypes; asking for another type is refused."""
+        value = self._fetch(name)
+        if kind_of(value) != "ggml" or self.outtype in ("f16", "f32"):
+            return None
+        asked = self.embed_types.get(name)
+        if asked is not None and asked.upper() != value.ggml_type:
+            raise QdllmError(f"{self.path}: the source holds {name} as {value.ggml_type}, chosen where it was quantized; "
+                             f"a file holds what its checkpoint holds, so {asked} is refused (re-quantize the float "
+                             "checkpoint with --embed-type / --head-type to change it)")
+        return _Plan(name, value.ggml_type, shape)
 
     def _stored_ok(self, name: str, value: Any) -> None:
         """Refuse a stored kind this outtype cannot hold, naming the outtype that can."""
@@ -237,6 +258,10 @@ class _Writer:
                 return [_Plan(name + sfx, t, s) for sfx, (t, s) in parts.items()]
             if kind_of(value) == "ggml":
                 return [_Plan(name, value.ggml_type, shape)]
+        if name in EMBED_ROLES:
+            table = self._table_plan(name, shape)
+            if table is not None:
+                return [table]
         return [_Plan(name, self._float_type(name), shape)]
 
     def encode(self, name: str, plan: _Plan) -> list[tuple[str, np.ndarray]]:
@@ -293,8 +318,9 @@ def write_gguf(
     they are, float linears F16), a stock type or "auto" (every linear a ``GGMLTensor``, written as its bytes),
     "f16" / "f32" (every linear dequantized). ``embed_type`` / ``head_type``: the type of ``token_embd`` /
     ``output``: "f32", "f16" or a ggml type name ("q8_0", "q6_k", ...; those other than
-    ``EMBED_TYPES`` need an ``encoder``); defaults f32 for outtype f32, else f16; ``head_type`` defaults to
-    ``embed_type``. ``special_ids`` may give "bos" / "eos" / "pad" / "mask" (defaults: the source's
+    ``EMBED_TYPES`` need an ``encoder``); ``head_type`` defaults to ``embed_type``. A table the source
+    stores in a ggml type is written as stored (another type asked for is refused; the float outtypes
+    dequantize it); a float table defaults to f32 for outtype f32 or a source that stores it f32, else f16. ``special_ids`` may give "bos" / "eos" / "pad" / "mask" (defaults: the source's
     ``config`` and ``hparams``). ``tokenizer`` is a byte-level BPE ``tokenizers.Tokenizer`` (None: no
     vocabulary; llama.cpp then loads dummy tokens). The file is written to a temporary name and renamed at
     the end.
@@ -303,7 +329,6 @@ def write_gguf(
     outtype = canonical_outtype(outtype)
     if outtype not in OUTTYPES:
         raise QdllmError(f"{path}: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
-    embed_type = embed_type or ("f32" if outtype == "f32" else "f16")
     embed_types = {"token_embd.weight": embed_type, "output.weight": head_type or embed_type}
     check_output_file(path, overwrite)
     writer = _Writer(path, source, outtype, embed_types, encoder or GGUFPyEncoder())

@@ -143,7 +143,7 @@ class _Export:
             return self.quantized(b, x, name, value)
         if self.outtype == "quantized" and isinstance(value, NBitsTensor):
             return self.matmul_nbits(b, x, name, value)
-        if self.outtype == "quantized" and is_stored(value):
+        if self.outtype == "quantized" and is_stored(value) and name not in EMBED_ROLES:
             raise QdllmError(f"{self.path}: tensor {name} is a {kind_of(value)} tensor, which ONNX does not store; "
                              "re-quantize for ONNX (--outtype int2|int4|int8|auto) or export with --outtype f16")
         if is_stored(value):
@@ -257,11 +257,27 @@ def _check_options(path: Path, outtype: str, kernel: str, embed_type: str | None
     return embed_type
 
 
+def note_substitutes(table: dict[str, dict[str, Any]], source: TensorSource) -> None:
+    """Mark in the tensor table each embedding / head table written in another type than the source holds it in
+    (``"source_type": "Q4_K"``, e.g. a quantized checkpoint's Q4_K embedding written f16: ONNX has no Q4_K).
+    ``verify`` then takes the file's own values of those tables as the reference's (docs/onnx-format.md 3c)."""
+    stored = getattr(source, "stored_type", None)
+    if stored is None:
+        return
+    for name in EMBED_ROLES:
+        e = table[name]
+        written = e["dtype"].upper() if e["kind"] == "float" else f"INT{e['bits']}"
+        held = stored(name)
+        if held != written:
+            e["source_type"] = held
+
+
 def _build_graph(ex: _Export, outtype: str, accuracy_level: int | None) -> tuple[Builder, int]:
     """The forward graph with every tensor encoded; returns it and the accuracy level its MatMulNBits nodes got."""
     hp, path = ex.hp, ex.path
     b = Builder()
     build_forward(b, hp, ex.linear, ex.vector, ex.embed)
+    note_substitutes(ex.table, ex.source)
     missing = [n for n in canonical_names(hp) if n not in ex.table]
     if missing:  # e.g. a bias the family lacks in the graph; never expected
         raise QdllmError(f"{path}: internal error, tensors not exported: {missing}")
@@ -350,6 +366,9 @@ def write_onnx(
     The file is written under a temporary name and renamed at the end.
     """
     path = Path(path)
+    stored = getattr(source, "stored_type", None)
+    if embed_type is None and stored is not None and all(stored(n) == "F32" for n in EMBED_ROLES):
+        embed_type = "f32"  # tables a quantized checkpoint holds in f32 stay exact
     embed_type = _check_options(path, outtype, kernel, embed_type, accuracy_level, nbits_scales)
     check_output_file(path, overwrite)
     data_name = path.name + ".data"

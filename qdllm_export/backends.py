@@ -16,7 +16,8 @@ import numpy as np
 from formats.errors import QdllmError
 from formats.families import HParams
 from formats.qtensor import QuantizedTensor
-from formats.tensors import HFTensors, TensorSource, canonical_names
+from formats.stored import is_stored
+from formats.tensors import HFTensors, TensorSource, canonical_names, is_linear
 from formats.tokenizer import load_tokenizer
 from runtime_ref.backend import Backend, shift_right
 
@@ -83,18 +84,21 @@ class TorchBackend:
 def describe_source(source: TensorSource, folder: Path) -> dict[str, Any]:
     """``inspect`` figures of a checkpoint folder, read from headers and quantized fields only."""
     hp = source.hparams
-    float_bits = {"BF16": 16, "F16": 16}.get(source.dtype(), 32)
+    stored_type = getattr(source, "stored_type", None) or (lambda n: source.ckpt.dtype(source.hf_name(n)))
     rows, total_bits, n_params, q_bits, q_params = [], 0, 0, 0, 0
     for name in canonical_names(hp):
         t = source.get(name)
-        if isinstance(t, QuantizedTensor):
+        if is_stored(t):
             n, bits = t.shape[0] * t.shape[1], t.stored_bits()
-            q_bits, q_params = q_bits + bits, q_params + n
-            rows.append({"name": name, "shape": list(t.shape), "type": f"planes(mean {t.mean_planes():.2f})", "bits_per_weight": bits / n})
+            if is_linear(hp, name):
+                q_bits, q_params = q_bits + bits, q_params + n
+            kind = f"planes(mean {t.mean_planes():.2f})" if isinstance(t, QuantizedTensor) else stored_type(name).lower()
+            rows.append({"name": name, "shape": list(t.shape), "type": kind, "bits_per_weight": bits / n})
         else:
-            n = int(np.prod(t.shape))
+            n, dtype = int(np.prod(t.shape)), stored_type(name)
+            float_bits = {"BF16": 16, "F16": 16}.get(dtype, 32)
             bits = float_bits * n
-            rows.append({"name": name, "shape": list(t.shape), "type": source.dtype().lower(), "bits_per_weight": float(float_bits)})
+            rows.append({"name": name, "shape": list(t.shape), "type": dtype.lower(), "bits_per_weight": float(float_bits)})
         total_bits += bits
         n_params += n
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())

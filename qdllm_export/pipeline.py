@@ -6,7 +6,8 @@ ABMP's planes, comes from these); then quantize its linears **true-sequentially*
 ``q/k/v``, ``o``, ``gate/up``, ``down`` in turn, each group's ``H`` taken from inputs produced by the
 block with the earlier groups already quantized (``true_sequential=False``: every group uses the float
 block's ``H``). The quantized block then produces the next block's inputs, its shard is written and
-it is freed. Embeddings and head are copied unquantized. A target that needs no data (RTN) skips
+it is freed. The embedding and the head are encoded in their shipping types (``targets.tables``): the
+embedding first, so calibration runs through it, the head last, weighted by its inputs' importance. A target that needs no data (RTN) skips
 calibration altogether.
 
 Peak memory: one block's weights, its ``H`` matrices and the calibration activations
@@ -26,7 +27,7 @@ import torch
 
 from formats.checkpoint import QuantizedCheckpointWriter
 from formats.errors import QdllmError
-from formats.stored import record_of
+from formats.stored import is_stored, record_of
 from formats.tensors import HFTensors, is_linear
 from formats.tokenizer import load_tokenizer
 from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows
@@ -36,6 +37,7 @@ from qdllm_export.quant import HessianAccumulator, QuantConfig
 from qdllm_export.targets.base import Target
 from qdllm_export.targets.planes import as_target
 from qdllm_export.timing import phase, start_block
+from qdllm_export.targets.tables import TABLES, TablesSpec, encode_table, table_values, type_name
 
 OnLayer = Callable[[int, int, str], None]
 
@@ -234,20 +236,44 @@ def _store_result(m: torch.nn.Linear, name: str, res: tuple[Any, torch.Tensor, d
 
 
 # ------------------------------------------------------------------------------------------ whole model
-def _calibration(src: HFTensors, model_dir: Path, ccfg: CalibConfig, device: str, batch: int) -> _Calib:
-    """Embedded MCS-masked calibration windows entering block 0."""
+def _calibration(src: HFTensors, model_dir: Path, ccfg: CalibConfig, device: str, batch: int,
+                 embedding: np.ndarray | None = None) -> _Calib:
+    """Embedded MCS-masked calibration windows entering block 0; ``embedding`` float32 ``[vocab, d]``: the
+    table as shipped (default: the checkpoint's float one)."""
     hp = src.hparams
     windows = calibration_windows(load_tokenizer(model_dir), hp, ccfg)
     if ccfg.mcs:
         windows, _ = apply_mcs(windows, hp.mask_token_id, ccfg.prefix_ratio, ccfg.seed, protect_first=hp.spec.shift_logits)
-    emb = torch.from_numpy(src.get("token_embd.weight")).to(device)
+    emb = torch.from_numpy(src.get("token_embd.weight") if embedding is None else embedding).to(device)
     x = emb[torch.from_numpy(windows).to(device)]  # [N, L, d] float32
     cos, sin = rope_tables(windows.shape[1], hp.head_dim, hp.rope_theta, torch.device(device))
     return _Calib(x, cos, sin, batch)
 
 
+def _head_importance(src: HFTensors, calib: _Calib) -> np.ndarray:
+    """float32 ``[d]``: mean square of each input column of the LM head (the final norm of the quantized
+    model's last hidden states over the calibration windows)."""
+    w = torch.from_numpy(src.get("output_norm.weight")).to(calib.x.device)
+    eps = src.hparams.norm_eps
+    acc = torch.zeros(calib.x.shape[-1], dtype=torch.float64, device=calib.x.device)
+    for s in range(0, calib.x.shape[0], calib.batch):
+        x = calib.x[s : s + calib.batch]
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+        acc += h.reshape(-1, h.shape[-1]).to(torch.float64).pow(2).sum(0)
+    return (acc / (calib.x.shape[0] * calib.x.shape[1])).float().cpu().numpy()
+
+
+def _table_record(name: str, t: Any, w: np.ndarray) -> dict[str, Any]:
+    """The record of a stored table: its type, bits per weight and relative error against the float ``w``."""
+    v = table_values(t)
+    n = v.size
+    bits = t.stored_bits() if is_stored(t) else 8 * np.asarray(t).itemsize * n
+    return {"type": type_name(t), "bits_per_weight": bits / n,
+            "rel_weight_error": float(np.linalg.norm(v - w) / max(np.linalg.norm(w), 1e-30))}
+
+
 def _record(target: Target, ccfg: CalibConfig | None, src: HFTensors, model_dir: Path, result: PipelineResult,
-            true_sequential: bool) -> dict[str, Any]:
+            true_sequential: bool, tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
     native = any(r.bits_per_weight_native is not None for r in result.layers)
     return {
         **target.record(),
@@ -259,6 +285,7 @@ def _record(target: Target, ccfg: CalibConfig | None, src: HFTensors, model_dir:
         "bits_per_weight_linear_native": result.linear_bits_per_weight(native=True) if native else None,
         "block_output_errors": result.block_errors,
         "seconds": result.seconds,
+        "tables": tables,
         "tensors": {
             r.name: {"shape": list(r.shape), **r.stored, "detail": r.detail, "bits_per_weight": r.bits_per_weight,
                      "bits_per_weight_native": r.bits_per_weight_native, "rel_weight_error": r.rel_weight_error,
@@ -274,6 +301,7 @@ def quantize_checkpoint(
     target: Target | QuantConfig,
     ccfg: CalibConfig,
     *,
+    tables: TablesSpec | None = None,
     device: str = "cpu",
     force: bool = False,
     batch: int = 8,
@@ -282,22 +310,28 @@ def quantize_checkpoint(
 ) -> tuple[PipelineResult, dict[str, Any]]:
     """Quantize the linears of an HF checkpoint folder into a quantized checkpoint at ``out_dir``.
 
-    ``target``: a ``QuantConfig`` (binary planes) or any ``qdllm_export.targets.Target``.
-    ``on_layer(block_index, n_blocks, what)`` reports progress. Returns the per-layer report and the
-    record written to ``qdllm_quant.json``. Nothing is left at ``out_dir`` on failure.
+    ``target``: a ``QuantConfig`` (binary planes) or any ``qdllm_export.targets.Target``. ``tables``: the
+    types of the embedding and the head (``targets.tables``; default Q4_K / Q6_K), which every file written
+    from the checkpoint holds. ``on_layer(block_index, n_blocks, what)`` reports progress. Returns the
+    per-layer report and the record written to ``qdllm_quant.json``. Nothing is left at ``out_dir`` on failure.
     """
     t0 = time.time()
     target = as_target(target)
+    tables = tables or TablesSpec()
     torch.manual_seed(getattr(getattr(target, "cfg", None), "seed", 0))
     model_dir = Path(model_dir)
     src = HFTensors(model_dir)
     hp = src.hparams
     bf16 = src.dtype() == "BF16"
-    calib = _calibration(src, model_dir, ccfg, device, batch) if target.needs_data else _Calib(None, None, None, batch)
+    hf = hp.spec.hf_names(hp)
     writer = QuantizedCheckpointWriter(out_dir, model_dir, n_shards=hp.n_layers + 1, force=force)
     result = PipelineResult()
-    hf = hp.spec.hf_names(hp)
     try:
+        if on_layer:
+            on_layer(0, hp.n_layers, f"token_embd as {tables.embed_type}")
+        embd = encode_table(TABLES[0], src.get(TABLES[0]), tables.embed_type, device=device)
+        calib = _calibration(src, model_dir, ccfg, device, batch, table_values(embd)) if target.needs_data \
+            else _Calib(None, None, None, batch)
         for i in range(hp.n_layers):
             block = _load_block(src, i, device)
             stored = quantize_block(block, i, target, calib, true_sequential, result, on_layer, hp.n_layers)
@@ -311,10 +345,17 @@ def quantize_checkpoint(
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         if on_layer:
-            on_layer(hp.n_layers, hp.n_layers, "embeddings and head")
-        writer.add_shard({hf[n]: _stored(src, n, bf16) for n in ("token_embd.weight", "output_norm.weight", "output.weight")}, {}, bf16)
+            on_layer(hp.n_layers, hp.n_layers, f"output as {tables.head_type}")
+        imp = _head_importance(src, calib) if calib.x is not None else getattr(target, "importance", {}).get(TABLES[1])
+        head = encode_table(TABLES[1], src.get(TABLES[1]), tables.head_type, imp, device)
+        done = dict(zip(TABLES, (embd, head)))
+        writer.add_shard({hf["output_norm.weight"]: _stored(src, "output_norm.weight", bf16)},
+                         {hf[n]: t for n, t in done.items() if is_stored(t)}, bf16,
+                         as_is={hf[n]: t for n, t in done.items() if not is_stored(t)})
         result.seconds = time.time() - t0
-        record = _record(target, ccfg if target.needs_data else None, src, model_dir, result, true_sequential)
+        record = _record(target, ccfg if target.needs_data else None, src, model_dir, result, true_sequential,
+                         {n: _table_record(n, t, src.get(n)) for n, t in done.items()})
+        record["tensors"].update({n: {"shape": list(t.shape), **record_of(t)} for n, t in done.items() if is_stored(t)})
         writer.finish(record)
         return result, record
     except BaseException:

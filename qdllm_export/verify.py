@@ -62,6 +62,7 @@ class FileReport:
     min_agree_required: float | None = None
     tokens_required: bool = True  # greedy generations must be identical
     tolerance_note: str = ""
+    mismatch: str = ""  # tables the file holds in other types than REF (verify.table_mismatch)
 
     @property
     def worst_rel(self) -> float:
@@ -128,21 +129,65 @@ def algorithms(family: str) -> list[tuple[str, dict[str, Any]]]:
 def reference_for(ref: Backend, other: Backend) -> tuple[Backend, str]:
     """The reference ``other`` is compared with, and how it was made.
 
-    A float checkpoint against a file of quantized planes: the PyTorch model of the checkpoint with the
-    file's planes (dequantized in PyTorch) in place of its linears, so the check is of the format and
-    its runtime, not of quantization error. Otherwise ``ref`` itself.
+    * A float checkpoint against a file of quantized tensors: the PyTorch model of the checkpoint with the
+      file's stored tensors (dequantized in PyTorch) in place of its own, so the check is of the format and
+      its runtime, not of quantization error.
+    * A quantized checkpoint against a file that declares tables it could not hold as the checkpoint does
+      (an ONNX file's f16 copy of a Q4_K embedding: ``substituted_names``): the checkpoint with the file's
+      values of those tables.
+    * Otherwise ``ref`` itself: the file must hold what the checkpoint holds.
     """
     from formats.tensors import HFTensors, OverlaySource
     from qdllm_export.backends import TorchBackend
 
     planes = getattr(other, "checkpoint_tensors", None)
-    if not isinstance(ref, TorchBackend) or not isinstance(ref.source_tensors, HFTensors) or planes is None:
+    if not isinstance(ref, TorchBackend) or planes is None:
         return ref, ref.source
-    names = getattr(other, "quantized_names", None)
-    overlay = OverlaySource(ref.source_tensors, planes(), None if names is None else names())
+    if isinstance(ref.source_tensors, HFTensors):
+        names = getattr(other, "quantized_names", None)
+        overlay = OverlaySource(ref.source_tensors, planes(), None if names is None else names())
+        what = "quantized tensors"
+    else:
+        subs = getattr(other, "substituted_names", lambda: [])()
+        if not subs:
+            return ref, ref.source
+        overlay = OverlaySource(ref.source_tensors, planes(), subs)
+        what = ", ".join(subs) + " as stored"
     if not overlay.quantized:
         return ref, ref.source
-    return TorchBackend(overlay, ref.folder, device=ref.device), f"{ref.source} + quantized planes of {other.source}"
+    return TorchBackend(overlay, ref.folder, device=ref.device), f"{ref.source} + {what} in {other.source}"
+
+
+def table_types(b: Any) -> dict[str, str]:
+    """The types ``b`` holds the embedding and the head in (``Q4_K``, ``F16``, ``INT8``...), as far as it tells."""
+    from formats.gguf import EMBED_ROLES
+
+    src = getattr(b, "source_tensors", None)
+    if src is not None:
+        stored = getattr(src, "stored_type", None) or (lambda n: src.ckpt.dtype(src.hf_name(n)))
+        return {n: stored(n) for n in EMBED_ROLES}
+    model = getattr(b, "model_file", None) or getattr(b, "model", None)
+    if hasattr(model, "tensor_types"):
+        types = model.tensor_types()
+        return {n: types[n] for n in EMBED_ROLES if n in types}
+    info = getattr(b, "info", None)
+    if info is not None and hasattr(info, "tensors"):
+        return {n: (e["dtype"].upper() if e["kind"] == "float" else f"INT{e['bits']}")
+                for n, e in info.tensors.items() if n in EMBED_ROLES}
+    return {}
+
+
+def table_mismatch(ref: Backend, b: Backend, reference: str) -> str:
+    """A sentence naming the tables ``b`` holds in other types than the reference it was compared with (empty
+    when they agree or the reference took the file's own values)."""
+    if reference != ref.source:
+        return ""
+    mine, theirs = table_types(b), table_types(ref)
+    diff = [f"{n.split('.')[0]} as {mine[n]} where REF holds {theirs[n]}" for n in mine if n in theirs and mine[n] != theirs[n]]
+    if not diff:
+        return ""
+    return (f"the file holds {'; '.join(diff)}: it is another model than REF (write it from REF, e.g. qdllm-export gguf "
+            "REF FILE, whose tables follow REF's)")
 
 
 def check_comparable(ref: Any, others: list[Any]) -> None:
@@ -177,7 +222,8 @@ def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_
         ref_logits, ref_gen = cache[ref_name]
         tol, agree, tokens, note = tolerance_for(b, rtol, min_agree)
         rep = FileReport(b.source, type(b).__name__.replace("Backend", "").lower(), reference=ref_name, rtol=tol,
-                         min_agree_required=agree, tokens_required=tokens, tolerance_note=note)
+                         min_agree_required=agree, tokens_required=tokens, tolerance_note=note,
+                         mismatch=table_mismatch(ref, b, ref_name))
         for r, x, lr in zip(ratios, inputs, ref_logits):
             lb = b.logits(x)
             diff = np.abs(lb.astype(np.float64) - lr)

@@ -184,6 +184,11 @@ class OrtBackend:
         """Every tensor the file stores quantized (linears, and an int8 embedding table and head)."""
         return [n for n, e in self.info.tensors.items() if e["kind"] != "float"]
 
+    def substituted_names(self) -> list[str]:
+        """Tables written in another type than the checkpoint they came from holds them in (``source_type``,
+        docs/onnx-format.md section 3c): a reference of that checkpoint takes the file's values of these."""
+        return [n for n, e in self.info.tensors.items() if "source_type" in e]
+
     def checkpoint_tensors(self):
         """The file's tensors as stored (a TensorSource; quantized linears bit for bit)."""
         from formats.onnx_read import OnnxTensors

@@ -9,6 +9,7 @@ import pytest
 
 from formats.checkpoint import QuantizedCheckpoint, QuantizedCheckpointWriter
 from formats.qtensor import QuantizedTensor
+from formats.stored import is_stored
 from formats.safetensors_io import Checkpoint, write_checkpoint
 from qdllm_export.calib import CalibConfig, apply_mcs
 from qdllm_export.models import dequantize_torch
@@ -57,7 +58,10 @@ def test_record_and_budget(quantized):
             n += t.shape[0] * t.shape[1]
     assert planes_total == 2 * blocks_total  # ABMP pools average exactly to the budget
     assert stored["bits_per_weight_linear"] == pytest.approx(bits / n, rel=1e-12)
-    assert len(stored["tensors"]) == 7 * ck.hparams.n_layers
+    assert len(stored["tensors"]) == 7 * ck.hparams.n_layers + 2  # the linears and the two tables
+    assert {n: stored["tensors"][n]["ggml_type"] for n in ("token_embd.weight", "output.weight")} == \
+        {"token_embd.weight": "Q5_0", "output.weight": "Q8_0"}  # Q4_K / Q6_K's fallbacks at d_model 128
+    assert {n: stored["tables"][n]["type"] for n in stored["tables"]} == {"token_embd.weight": "Q5_0", "output.weight": "Q8_0"}
 
 
 def test_uniform_methods_are_planes(quantized):
@@ -81,14 +85,16 @@ def test_deterministic_and_round_trip(quantized, tmp_path, calib_file):
         x, y = a.get(name), b.get(name)
         if isinstance(x, QuantizedTensor):
             assert x.equal(y), name
+        elif is_stored(x):  # the tables' ggml bytes
+            assert x.ggml_type == y.ggml_type and np.array_equal(x.data, y.data), name
         else:
             assert np.array_equal(x, y), name
     # write the tensors back through the writer: bit-identical files' tensors
     copy = tmp_path / "copy"
     w = QuantizedCheckpointWriter(copy, dst, n_shards=1)
     hf = a.family.hf_names(a.hparams)
-    floats = {hf[n]: a.get(n) for n in a.names() if not isinstance(a.get(n), QuantizedTensor)}
-    qts = {hf[n]: a.get(n) for n in a.names() if isinstance(a.get(n), QuantizedTensor)}
+    floats = {hf[n]: a.get(n) for n in a.names() if not is_stored(a.get(n))}
+    qts = {hf[n]: a.get(n) for n in a.names() if is_stored(a.get(n))}
     w.add_shard(floats, qts, bf16=True)
     w.finish(dict(a.record))
     c = QuantizedCheckpoint(copy)

@@ -14,7 +14,7 @@ from qdllm_export.calib import CalibConfig
 from qdllm_export.models import dequantize_torch
 from qdllm_export.pipeline import _calibration, _load_block, quantize_checkpoint
 from qdllm_export.quant import HessianAccumulator, QuantConfig
-from qdllm_export.targets import PlanesTarget
+from qdllm_export.targets.planes import PlanesTarget
 from tests.tiny import TEXT, make_checkpoint
 
 CAL = dict(n_samples=6, seq_len=32)

@@ -160,6 +160,31 @@ def unused_with(flags: Mapping[str, bool], reason: str) -> None:
         raise QdllmError(f"{', '.join(wrong)}: not used {reason}")
 
 
+def tables_as_stored(model: str, asked: Mapping[str, Optional[str]]) -> None:
+    """Refuse ``--embed-type`` / ``--head-type`` other than what a quantized checkpoint MODEL holds: its tables
+    were chosen where it was quantized, and every file written from it holds the same (DESIGN section 10)."""
+    from formats.checkpoint import QuantizedCheckpoint, is_quantized_checkpoint
+    from qdllm_export.backends import resolve
+
+    folder = resolve(model)
+    if not any(asked.values()) or not folder.is_dir() or not is_quantized_checkpoint(folder):
+        return
+    from qdllm_export.grids.registry import fallback_type
+
+    ck = QuantizedCheckpoint(folder)
+    flags = {"token_embd.weight": "--embed-type", "output.weight": "--head-type"}
+    for name, t in asked.items():
+        if t is None:
+            continue
+        held = ck.stored_type(name)
+        n_in = ck.hparams.d_model
+        want = t.upper() if t in ("f16", "f32") else fallback_type(t, n_in).upper()
+        if want != held and not (held == "BF16" and want == "F16"):
+            raise QdllmError(f"{folder}: holds {name.split('.')[0]} as {held}, chosen where it was quantized, and every "
+                             f"file written from it holds the same; drop {flags[name]} {t}, or re-quantize the float "
+                             f"checkpoint with {flags[name]} {t}")
+
+
 # ----------------------------------------------------------------------------------------- outputs
 def _overlap(out: Path, inputs: Iterable[Optional[Path]]) -> None:
     o = out.resolve()

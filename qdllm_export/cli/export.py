@@ -24,11 +24,13 @@ OUTTYPES = ("quantized", "f32", "f16")
 
 
 @contextmanager
-def export_source(model: str, out: Path, outtype: str, force: bool, q: dict[str, Any]) -> Iterator[tuple[TensorSource, Any, dict]]:
+def export_source(model: str, out: Path, outtype: str, force: bool, q: dict[str, Any],
+                  tables: Any = None) -> Iterator[tuple[TensorSource, Any, dict]]:
     """Yields (tensors, tokenizer, qdllm metadata) for MODEL.
 
     A quantized checkpoint is written as it is; a plain checkpoint is quantized first (into a temporary
-    folder beside ``out``, removed afterwards) unless ``outtype`` is f32/f16, which writes floats.
+    folder beside ``out``, removed afterwards; embedding and head in ``tables``, a
+    ``targets.tables.TablesSpec``) unless ``outtype`` is f32/f16, which writes floats.
     """
     if outtype not in OUTTYPES:
         raise QdllmError(f"--outtype must be one of {', '.join(OUTTYPES)}")
@@ -47,7 +49,7 @@ def export_source(model: str, out: Path, outtype: str, force: bool, q: dict[str,
         return
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        run_quantize(model, tmp / "q", force=True, **q)
+        run_quantize(model, tmp / "q", force=True, tables=tables, **q)
         src = QuantizedCheckpoint(tmp / "q")
         yield src, tok, _meta(src)
     finally:

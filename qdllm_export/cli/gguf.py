@@ -23,6 +23,7 @@ from formats.gguf import EMBED_CHOICES, OUTTYPES, PLANES, STOCK_TYPES, canonical
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, block_progress, console
 from qdllm_export.cli.export import export_source, print_closing, quant_options_given, with_quant_options
+from qdllm_export.targets.tables import TablesSpec
 
 NOT_OFFERED = {  # ggml types someone may ask for, and why they are not outtypes
     "q1_0": "Q1_0 is a stock ggml type, but one sign plane per weight is the binary-plane format's building block: "
@@ -77,20 +78,26 @@ def gguf_(
     if not stock:
         checks.unused_with(dict(zip(STOCK_FLAGS, (bpw is not None, rounding is not None, not true_sequential,
                                                   imatrix is not None))), f"with --outtype {outtype} (stock-type options)")
+    floats = outtype in ("f16", "f32")  # every tensor written as floats: the writer encodes the tables
+    asked = {"token_embd.weight": embed_type, "output.weight": head_type}
+    if not floats:
+        checks.tables_as_stored(model, asked)
     embed_default, head_default = default_embed_types(outtype)
     embed_type, head_type = embed_type or embed_default, head_type or head_default
     if stock:
-        source = stock_source(model, out, force, outtype, bpw, rounding or "gptq", true_sequential, imatrix, q)
+        tables = TablesSpec(embed_type, head_type)
+        source = stock_source(model, out, force, outtype, bpw, rounding or "gptq", true_sequential, imatrix, q, tables)
     else:
-        source = export_source(model, out, "quantized" if outtype == PLANES else outtype, force, q)
+        source = export_source(model, out, "quantized" if outtype == PLANES else outtype, force, q,
+                               TablesSpec(embed_type, head_type))
     with source as (src, tok, meta):
         encoder = None
-        if not {embed_type, head_type} <= set(EMBED_TYPES):  # a k-quant: torch-side encoder (imported only now)
+        if floats and not {embed_type, head_type} <= set(EMBED_TYPES):  # a k-quant: torch-side encoder
             from qdllm_export.targets.ggml import GridEncoder
 
-            encoder = GridEncoder(head_importance(imatrix), device=q["device"])
-        write_gguf(out, src, tokenizer=tok, outtype=outtype, qdllm_meta=meta, embed_type=embed_type,
-                   head_type=head_type, encoder=encoder, overwrite=force)
+            encoder = GridEncoder(device=q["device"])
+        write_gguf(out, src, tokenizer=tok, outtype=outtype, qdllm_meta=meta, embed_type=embed_type if floats else None,
+                   head_type=head_type if floats else None, encoder=encoder, overwrite=force)
     written = GGUFBackend(out, decoded=False)
     info = written.describe()
     info["requested"] = {"outtype": outtype, "token_embd.weight": embed_type, "output.weight": head_type}
@@ -105,7 +112,8 @@ def gguf_(
 
 @contextmanager
 def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | None, rounding: str,
-                 true_sequential: bool, imatrix: Path | None, q: dict[str, Any]) -> Iterator[tuple[Any, Any, dict]]:
+                 true_sequential: bool, imatrix: Path | None, q: dict[str, Any],
+                 tables: Any = None) -> Iterator[tuple[Any, Any, dict]]:
     """Yields (tensors, tokenizer, qdllm metadata) of MODEL with ggml-type linears: a plain checkpoint is
     quantized (``qdllm_export.targets.ggml``) into a temporary folder beside ``out``, removed afterwards."""
     from formats.checkpoint import QuantizedCheckpoint, is_quantized_checkpoint
@@ -144,7 +152,8 @@ def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with block_progress() as on_layer:
-            _, rec = quantize_stock(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer)
+            _, rec = quantize_stock(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer,
+                                    tables=tables)
         meta = {"target": "ggml", "method": rec["method"], "rounding": spec.rounding if not imatrix else "importance",
                 "true_sequential": true_sequential, "bits_per_weight_linear": rec["bits_per_weight_linear"],
                 "calibration": "imatrix" if imatrix else "none" if rounding == "rtn" and outtype != "auto" else
@@ -154,16 +163,6 @@ def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
         yield QuantizedCheckpoint(tmp / "q"), load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None, meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def head_importance(imatrix: Path | None) -> dict[str, Any]:
-    """``{"output.weight": importance}`` from an imatrix file that has the head, else empty."""
-    if imatrix is None:
-        return {}
-    from formats.imatrix import read_imatrix
-
-    im = read_imatrix(imatrix)
-    return {"output.weight": im.importance("output.weight")} if "output.weight" in im.in_sum2 else {}
 
 
 def fallbacks_of(hp: Any, types: dict[str, str], outtype: str, embed_type: str, head_type: str) -> dict[str, str]:

@@ -85,8 +85,9 @@ def onnx_(
     if outtype != "planes":
         checks.unused_with({"--kernel": kernel != "function"}, f"with --outtype {outtype} (no binary planes)")
     t0 = time.time()
-    source = nbits_source(model, out, force, outtype, bpw, block_size or NBITS_BLOCK, q) if nbits else \
-        export_source(model, out, FILE_OUTTYPE.get(outtype, outtype), force, q)
+    tables = onnx_tables(embed_type or (NBITS_EMBED if nbits else None))
+    source = nbits_source(model, out, force, outtype, bpw, block_size or NBITS_BLOCK, q, tables) if nbits else \
+        export_source(model, out, FILE_OUTTYPE.get(outtype, outtype), force, q, tables)
     with source as (src, tok, meta):
         level = accuracy_level if accuracy_level is not None else (NBITS_ACCURACY if nbits else 0)
         write_onnx(out, src, outtype="quantized" if nbits else FILE_OUTTYPE.get(outtype, outtype), kernel=kernel, qdllm_meta=meta, overwrite=force,
@@ -97,6 +98,17 @@ def onnx_(
         print(json.dumps({**info, "seconds": time.time() - t0}))
     else:
         print_closing(info, time.time() - t0)
+
+
+def onnx_tables(embed_type: str | None) -> Any:
+    """The tables a float MODEL is quantized with on the way to ONNX, so that the file holds them exactly: f16 or
+    f32 as asked (default f16); f32 for int8, which the writer then encodes (``formats.onnx``, embed type int8).
+    A quantized checkpoint keeps its own (its Q4_K / Q6_K tables are written in ``embed_type``, declared in the
+    file: docs/onnx-format.md section 3c)."""
+    from qdllm_export.targets.tables import TablesSpec
+
+    t = "f32" if embed_type in ("f32", "int8") else "f16"
+    return TablesSpec(t, t)
 
 
 def _checked_spec(model: str, out: Path, force: bool, outtype: str, bpw: float | None, block_size: int,
@@ -142,7 +154,7 @@ def _checked_spec(model: str, out: Path, force: bool, outtype: str, bpw: float |
 
 @contextmanager
 def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | None, block_size: int,
-                 q: dict[str, Any]) -> Iterator[tuple[Any, Any, dict]]:
+                 q: dict[str, Any], tables: Any = None) -> Iterator[tuple[Any, Any, dict]]:
     """Yields (tensors, tokenizer, qdllm metadata) of MODEL quantized to MatMulNBits linears (a plain
     checkpoint only; a quantized one is written as stored with --outtype planes). The quantized
     checkpoint lives in a temporary folder beside ``out``, removed afterwards."""
@@ -154,7 +166,8 @@ def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with block_progress() as on_layer:
-            _, rec = quantize_nbits(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer)
+            _, rec = quantize_nbits(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer,
+                                    tables=tables)
         meta = {"target": "nbits", "method": rec["method"], "outtype": outtype, "block_size": block_size,
                 "bits_per_weight_linear": rec["bits_per_weight_linear"], **({"bpw": bpw} if bpw is not None else {})}
         yield QuantizedCheckpoint(tmp / "q"), load_tokenizer(folder), meta

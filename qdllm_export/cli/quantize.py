@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from formats.errors import QdllmError
+from formats.gguf import DEFAULT_EMBED, EMBED_CHOICES
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, block_progress, console
 
@@ -21,8 +22,10 @@ CLI_FIELDS = ("method", "bits", "group_size", "abmp", "abmp_ratio", "iters", "se
 def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_size: int, calib: Optional[Path],
                  calib_samples: int, seq_len: int, mcs: bool, prefix_ratio: float, abmp: bool, abmp_ratio: float,
                  data_aware: bool, iters: int, device: str, seed: int, force: bool, quiet: bool = False,
-                 true_sequential: bool = True, act_order: bool = False, static_groups: bool = False):
-    """Shared by ``quantize`` and the export verbs; returns (PipelineResult, record)."""
+                 true_sequential: bool = True, act_order: bool = False, static_groups: bool = False,
+                 tables: Any = None):
+    """Shared by ``quantize`` and the export verbs; ``tables``: a ``targets.tables.TablesSpec`` (default Q4_K /
+    Q6_K). Returns (PipelineResult, record)."""
     from qdllm_export.backends import resolve
     from qdllm_export.calib import CalibConfig
     from qdllm_export.pipeline import check_quantizable, quantize_checkpoint
@@ -43,8 +46,8 @@ def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_s
         raise QdllmError(checks.flag_names(str(e), CLI_FIELDS)) from None
     check_quantizable(folder, group_size)
     with block_progress() as on_layer:
-        result, record = quantize_checkpoint(folder, out_dir, qcfg, ccfg, device=device, force=force, on_layer=on_layer,
-                                             true_sequential=true_sequential)
+        result, record = quantize_checkpoint(folder, out_dir, qcfg, ccfg, tables=tables, device=device, force=force,
+                                             on_layer=on_layer, true_sequential=true_sequential)
     return result, record
 
 
@@ -77,18 +80,21 @@ def quantize(
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Calibrate q/k/v, o, gate/up, down in turn, each on inputs from the already-quantized earlier groups (off: the ablation)."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing input energy (GPTQModel desc_act; implies static groups)."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: fix every group's scale and zero from the weights before any update."),
+    embed_type: str = typer.Option(DEFAULT_EMBED[0], callback=checks.one_of(*EMBED_CHOICES), help="Type of token_embd, held by the checkpoint and every file written from it (llama.cpp's fallback where its block does not divide the width)."),
+    head_type: str = typer.Option(DEFAULT_EMBED[1], callback=checks.one_of(*EMBED_CHOICES), help="Type of output, the LM head (weighted by its calibrated input importance), held by the checkpoint and every file written from it."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is a quantized checkpoint this tool wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Quantize every linear of the transformer blocks; embeddings and head stay in their source dtype."""
+    """Quantize every linear of the transformer blocks, and the embedding and head to --embed-type / --head-type."""
     from qdllm_export.backends import resolve
+    from qdllm_export.targets.tables import TablesSpec
 
     checks.output_folder(out_dir, force, [resolve(model), calib])
     result, record = run_quantize(model, out_dir, method=method, bits=bits, group_size=group_size, calib=calib,
                                   calib_samples=calib_samples, seq_len=seq_len, mcs=mcs, prefix_ratio=prefix_ratio,
                                   abmp=abmp, abmp_ratio=abmp_ratio, data_aware=data_aware, iters=iters, device=device,
                                   seed=seed, force=force, true_sequential=true_sequential, act_order=act_order,
-                                  static_groups=static_groups)
+                                  static_groups=static_groups, tables=TablesSpec(embed_type, head_type))
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     if as_json:
         print(json.dumps({"out_dir": str(out_dir), "method": method, "bits": bits,

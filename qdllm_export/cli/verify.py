@@ -89,4 +89,5 @@ def print_tables(ref: str, reports: list[FileReport], gen_length: int, rtol: flo
             console.print(f"{r.path}: {r.tolerance_note} (rel err <= {r.rtol:g}, argmax agree >= {r.min_agree_required:g})",
                           soft_wrap=True)
         if not r.passed:
-            console.print(f"[red]FAIL[/] {r.path}: {'; '.join(failures(r, rtol, min_agree))}", soft_wrap=True)
+            why = f" ({r.mismatch})" if r.mismatch else ""
+            console.print(f"[red]FAIL[/] {r.path}: {'; '.join(failures(r, rtol, min_agree))}{why}", soft_wrap=True)

@@ -6,11 +6,9 @@
 * ``nbits``: onnxruntime's MatMulNBits grid (int2 / int4 / int8) for stock onnxruntime.
 * ``mix``: a per-tensor choice among a target's grids under a bits budget (the ``auto`` outtypes).
 
+* ``tables``: the precision of the embedding and the head, chosen once where the model is made.
+
 ``base`` holds what every target promises the streaming pipeline (``Target``) and the grid target the
-``ggml`` and ``nbits`` targets share.
+``ggml`` and ``nbits`` targets share. The package imports nothing itself, so the CLI reads ``tables``
+without importing torch.
 """
-
-from qdllm_export.targets.base import GridTarget, Target
-from qdllm_export.targets.planes import PlanesTarget, as_target
-
-__all__ = ["Target", "GridTarget", "PlanesTarget", "as_target"]

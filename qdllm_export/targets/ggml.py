@@ -10,9 +10,9 @@ ggml blocks) onto one ggml type per linear:
   (``qdllm_export.targets.mix``), chosen among ``AUTO_CANDIDATES``;
 * ``imatrix``: a llama.cpp imatrix file as the (diagonal) importance instead of calibrating.
 
-``token_embd`` and ``output`` are encoded at write time by ``GridEncoder`` (llama.cpp-like defaults:
-``formats.gguf.default_embed_types``). The result is a quantized checkpoint of ``GGMLTensor`` linears; ``formats.gguf``
-writes their bytes unchanged.
+``token_embd`` and ``output`` are encoded by the pipeline (``targets.tables``, with ``GridEncoder``; llama.cpp-like
+defaults: ``formats.gguf.default_embed_types``). The result is a quantized checkpoint of ``GGMLTensor`` linears and
+tables; ``formats.gguf`` writes their bytes unchanged.
 """
 
 from __future__ import annotations
@@ -227,13 +227,14 @@ def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, d
 
 def quantize_stock(model_dir: str | Path, out_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *,
                    device: str = "cpu", force: bool = False, on_layer: Callable[[int, int, str], None] | None = None,
-                   sensitivity: Any = None):
+                   sensitivity: Any = None, tables: Any = None):
     """Quantize the block linears of a float checkpoint into ggml types (a quantized checkpoint of
-    ``GGMLTensor`` linears at ``out_dir``); returns ``(PipelineResult, record)``."""
+    ``GGMLTensor`` linears at ``out_dir``; embedding and head in ``tables``, a ``targets.tables.TablesSpec``,
+    default Q4_K / Q6_K); returns ``(PipelineResult, record)``."""
     from qdllm_export.pipeline import quantize_checkpoint
 
     target = stock_target(model_dir, spec, ccfg, device=device, on_layer=on_layer, sensitivity=sensitivity)
-    return quantize_checkpoint(model_dir, out_dir, target, ccfg, device=device, force=force,
+    return quantize_checkpoint(model_dir, out_dir, target, ccfg, tables=tables, device=device, force=force,
                                true_sequential=spec.true_sequential, on_layer=on_layer)
 
 

@@ -123,16 +123,18 @@ def nbits_target(folder: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, devi
 
 
 def quantize_nbits(folder: str | Path, out_dir: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, device: str = "cpu",
-                   force: bool = False, on_layer: OnLayer | None = None) -> tuple[Any, dict[str, Any]]:
+                   force: bool = False, on_layer: OnLayer | None = None, tables: Any = None) -> tuple[Any, dict[str, Any]]:
     """The checkpoint at ``folder`` quantized to MatMulNBits linears into a quantized checkpoint at
-    ``out_dir``; returns the pipeline's ``(PipelineResult, record)``. Nothing is left at ``out_dir`` on failure."""
+    ``out_dir`` (embedding and head in ``tables``, a ``targets.tables.TablesSpec``); returns the pipeline's
+    ``(PipelineResult, record)``. Nothing is left at ``out_dir`` on failure."""
     from qdllm_export.pipeline import quantize_checkpoint
 
     hp = HFTensors(folder).hparams
     check_block_size(hp, spec.block_size, folder)
     check_budget(hp, spec, folder)
     target = nbits_target(folder, spec, ccfg, device=device, on_layer=on_layer)
-    return quantize_checkpoint(folder, out_dir, target, ccfg, device=device, force=force, on_layer=on_layer)
+    return quantize_checkpoint(folder, out_dir, target, ccfg, tables=tables, device=device, force=force,
+                               on_layer=on_layer)
 
 
 __all__ = ["NBitsSpec", "OUTTYPES", "BLOCK_SIZES", "check_block_size", "check_budget", "nbits_target", "quantize_nbits"]
