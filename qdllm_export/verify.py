@@ -144,9 +144,10 @@ def reference_for(ref: Backend, other: Backend) -> tuple[Backend, str]:
     if not isinstance(ref, TorchBackend) or planes is None:
         return ref, ref.source
     if isinstance(ref.source_tensors, HFTensors):
-        names = getattr(other, "quantized_names", None)
-        overlay = OverlaySource(ref.source_tensors, planes(), None if names is None else names())
-        what = "quantized tensors"
+        mine, theirs = tensor_types(other), tensor_types(ref)
+        names = [n for n, t in mine.items() if t != theirs.get(n)]  # quantized, or floats of another width
+        overlay = OverlaySource(ref.source_tensors, planes(), names)
+        what = "tensors as stored"
     else:
         subs = getattr(other, "substituted_names", lambda: [])()
         if not subs:
@@ -158,23 +159,27 @@ def reference_for(ref: Backend, other: Backend) -> tuple[Backend, str]:
     return TorchBackend(overlay, ref.folder, device=ref.device), f"{ref.source} + {what} in {other.source}"
 
 
-def table_types(b: Any) -> dict[str, str]:
-    """The types ``b`` holds the embedding and the head in (``Q4_K``, ``F16``, ``INT8``...), as far as it tells."""
-    from formats.gguf import EMBED_ROLES
-
+def tensor_types(b: Any) -> dict[str, str]:
+    """The type ``b`` holds each tensor in (``Q4_K``, ``planes``, ``F16``, ``INT8``...), as far as it tells."""
     src = getattr(b, "source_tensors", None)
     if src is not None:
         stored = getattr(src, "stored_type", None) or (lambda n: src.ckpt.dtype(src.hf_name(n)))
-        return {n: stored(n) for n in EMBED_ROLES}
+        return {n: stored(n) for n in src.names()}
     model = getattr(b, "model_file", None) or getattr(b, "model", None)
     if hasattr(model, "tensor_types"):
-        types = model.tensor_types()
-        return {n: types[n] for n in EMBED_ROLES if n in types}
+        return dict(model.tensor_types())
     info = getattr(b, "info", None)
     if info is not None and hasattr(info, "tensors"):
-        return {n: (e["dtype"].upper() if e["kind"] == "float" else f"INT{e['bits']}")
-                for n, e in info.tensors.items() if n in EMBED_ROLES}
+        return {n: (e["dtype"].upper() if e["kind"] == "float" else f"INT{e['bits']}" if e["kind"] == "nbits" else "planes")
+                for n, e in info.tensors.items()}
     return {}
+
+
+def table_types(b: Any) -> dict[str, str]:
+    """The types ``b`` holds the embedding and the head in."""
+    from formats.gguf import EMBED_ROLES
+
+    return {n: t for n, t in tensor_types(b).items() if n in EMBED_ROLES}
 
 
 def table_mismatch(ref: Backend, b: Backend, reference: str) -> str:
