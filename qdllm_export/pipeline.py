@@ -28,7 +28,7 @@ import torch
 from formats.checkpoint import QuantizedCheckpointWriter
 from formats.errors import QdllmError
 from formats.stored import is_stored, record_of
-from formats.tensors import HFTensors, is_linear
+from formats.tensors import HFTensors, canonical_names, canonical_shape, is_linear
 from formats.tokenizer import load_tokenizer
 from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows
 from qdllm_export.models import SEQUENTIAL_GROUPS, dequantize_torch, family_module, sequential_groups
@@ -188,12 +188,15 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     linears = block.linears()
     roles = list(linears)
     data = calib.x is not None
-    Hs = collect_hessians(block, roles, calib.x, calib.cos, calib.sin, calib.batch) if data else None
+    groups = sequential_groups(roles) if true_sequential else [roles]
+    # the float block's H of every linear only where the plan reads them (ABMP); else the first group's
+    first = roles if getattr(target, "plan_needs_hessians", True) else groups[0]
+    Hs = collect_hessians(block, first, calib.x, calib.cos, calib.sin, calib.batch) if data else None
     y_ref = _run_block(block, calib.x[: calib.batch].clone(), calib.cos, calib.sin, calib.batch) if data else None
     with phase("plan"):
         plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
     out: dict[str, Any] = {}
-    for g, group in enumerate(sequential_groups(roles) if true_sequential else [roles]):
+    for g, group in enumerate(groups):
         if data and g > 0:
             Hs.update(collect_hessians(block, group, calib.x, calib.cos, calib.sin, calib.batch))
         if true_sequential and len(group) > 1 and hasattr(target, "quantize_stacked"):
@@ -224,15 +227,30 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
 
 def _store_result(m: torch.nn.Linear, name: str, res: tuple[Any, torch.Tensor, dict[str, Any]], result: PipelineResult) -> Any:
     """Put a quantized linear's stored values into the block and report it; returns the stored tensor."""
-    stored, _, stats = res
+    stored, w_hat, stats = res
     with torch.no_grad(), phase("store"):
-        m.weight.copy_(dequantize_torch(stored, m.weight.device))  # the stored values are the truth
+        m.weight.copy_(_stored_values(stored, w_hat, name))  # the stored values are the truth
     rec = record_of(stored)
     detail = f"{stored.mean_planes():.2f} planes" if rec["kind"] == "planes" else str(stats.get("grid", rec.get("ggml_type", "")))
     result.layers.append(LayerReport(name, stored.shape, rec["kind"], detail, stored.bits_per_weight(),
                                      float(stats["rel_weight_err"]), stats.get("rel_output_err"), rec,
                                      stats.get("bits_per_weight_native")))
     return stored
+
+
+def _stored_values(stored: Any, w_hat: torch.Tensor, name: str, check_rows: int = 8) -> torch.Tensor:
+    """float32 ``[n_out, n_in]`` on ``w_hat``'s device: what ``stored`` decodes to. Binary planes are
+    dequantized in PyTorch; a grid's fit already holds its decoded values (``grids.base.GridResult``), so
+    only its first ``check_rows`` rows are decoded (by the format's own NumPy decoder, gguf-py's for ggml
+    types) and must match bit for bit: decoding a whole 8B linear in NumPy cost seconds per block."""
+    if record_of(stored)["kind"] == "planes":
+        return dequantize_torch(stored, w_hat.device)
+    k = min(check_rows, stored.shape[0])
+    head = torch.from_numpy(np.ascontiguousarray(stored.rows(0, k).dequantize(), dtype=np.float32))
+    if not torch.equal(head, w_hat[:k].detach().cpu()):
+        raise QdllmError(f"tensor {name}: the stored {record_of(stored)['kind']} values differ from the fit's; "
+                         "this is a bug of the grid, please report it")
+    return w_hat
 
 
 # ------------------------------------------------------------------------------------------ whole model
@@ -275,6 +293,12 @@ def _table_record(name: str, t: Any, w: np.ndarray) -> dict[str, Any]:
 def _record(target: Target, ccfg: CalibConfig | None, src: HFTensors, model_dir: Path, result: PipelineResult,
             true_sequential: bool, tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
     native = any(r.bits_per_weight_native is not None for r in result.layers)
+    hp = src.hparams
+    sizes = {n: int(np.prod(canonical_shape(hp, n))) for n in canonical_names(hp)}
+    stored_bits = {r.name: r.bits_per_weight * sizes[r.name] for r in result.layers}
+    stored_bits.update({n: t["bits_per_weight"] * sizes[n] for n, t in tables.items()})
+    float_bits = {"BF16": 16, "F16": 16}.get(src.dtype(), 32)
+    model_bits = sum(stored_bits.get(n, float_bits * k) for n, k in sizes.items()) / sum(sizes.values())
     return {
         **target.record(),
         "calibration": None if ccfg is None else {**ccfg.to_dict(), "true_sequential": true_sequential},
@@ -283,6 +307,7 @@ def _record(target: Target, ccfg: CalibConfig | None, src: HFTensors, model_dir:
         "family": src.hparams.family,
         "bits_per_weight_linear": result.linear_bits_per_weight(),
         "bits_per_weight_linear_native": result.linear_bits_per_weight(native=True) if native else None,
+        "bits_per_weight_model": model_bits,  # every tensor: linears, tables, norms (what ships)
         "block_output_errors": result.block_errors,
         "seconds": result.seconds,
         "tables": tables,

@@ -51,11 +51,16 @@ def run_quantize(model: str, out_dir: Path, *, method: str, bits: float, group_s
     return result, record
 
 
-def summary_table(result, title: str) -> Table:
-    t = Table("linear", "shape", "stored as", "bits/w", "weight err", "output err", title=title)
+def summary_table(result, title: str, record: dict | None = None) -> Table:
+    """One row per quantized linear, then the embedding and the head as the checkpoint holds them."""
+    t = Table("tensor", "shape", "stored as", "bits/w", "weight err", "output err", title=title)
     for r in result.layers:
         t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.detail, f"{r.bits_per_weight:.3f}",
                   f"{r.rel_weight_error:.4f}", "-" if r.rel_output_error is None else f"{r.rel_output_error:.4f}")
+    for name, tab in (record or {}).get("tables", {}).items():
+        shape = (record["tensors"].get(name) or {}).get("shape")
+        t.add_row(name, "x".join(map(str, shape)) if shape else "-", tab["type"], f"{tab['bits_per_weight']:.3f}",
+                  f"{tab['rel_weight_error']:.4f}", "-")
     return t
 
 
@@ -99,13 +104,15 @@ def quantize(
     if as_json:
         print(json.dumps({"out_dir": str(out_dir), "method": method, "bits": bits,
                           "bits_per_weight_linear": record["bits_per_weight_linear"],
-                          "bits_per_weight_linear_native": record["bits_per_weight_linear_native"], "size_bytes": size,
+                          "bits_per_weight_linear_native": record["bits_per_weight_linear_native"],
+                          "bits_per_weight_model": record["bits_per_weight_model"], "tables": record["tables"], "size_bytes": size,
                           "seconds": record["seconds"], "block_output_errors": record["block_output_errors"],
                           "tensors": record["tensors"]}))
         return
-    console.print(summary_table(result, f"{method} {bits:g} bits"))
+    console.print(summary_table(result, f"{method} {bits:g} bits", record))
     console.print(f"wrote {out_dir}", soft_wrap=True)  # a path is never wrapped inside a table title
     native = record["bits_per_weight_linear_native"]
     own = f" ({native:.3f} in {method}'s own packing: codes + fp16 scale and zero per group)" if native else ""
-    console.print(f"quantized linears: {record['bits_per_weight_linear']:.3f} bits/weight as planes{own}, "
-                  f"folder {size / 2**20:.2f} MiB, {record['seconds']:.1f} s")
+    console.print(f"quantized linears: {record['bits_per_weight_linear']:.3f} bits/weight as planes{own}; "
+                  f"whole model (tables and norms included): {record['bits_per_weight_model']:.3f} bits/weight, "
+                  f"folder {size / 2**20:.2f} MiB, {record['seconds']:.1f} s", soft_wrap=True)
