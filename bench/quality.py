@@ -90,19 +90,31 @@ def run_one(model: str, label: str, seed: int, a: argparse.Namespace) -> dict:
     q, c, ts, _ = VARIANTS[label]
     t0 = time.time()
     fp, windows = _eval_setup(model, a.device, a)
-    bpw = native = None
+    bpw = native = whole = tables = None
     with tempfile.TemporaryDirectory() as tmp:
         if q is None:
-            be = fp
+            res = lin = _nll(fp, windows, a.mc)
         else:
             ccfg = CalibConfig(n_samples=a.calib_samples, seq_len=a.calib_seq_len, seed=seed, **c)
             _, rec = quantize_checkpoint(resolve(model), Path(tmp) / "q", QuantConfig(**q), ccfg, device=a.device,
                                          true_sequential=ts)
-            bpw, native = rec["bits_per_weight_linear"], rec.get("bits_per_weight_linear_native")
-            be = open_model(str(Path(tmp) / "q"), device=a.device)
-        res = _nll(be, windows, a.mc)
+            bpw, native, whole = rec["bits_per_weight_linear"], rec.get("bits_per_weight_linear_native"), rec["bits_per_weight_model"]
+            tables = "/".join(t["type"] for t in rec["tables"].values())
+            res = _nll(open_model(str(Path(tmp) / "q"), device=a.device), windows, a.mc)  # the model as shipped
+            lin = _nll(float_tables(Path(tmp) / "q", model, a.device), windows, a.mc)
     return dict(model=model, variant=label, seed=seed, bits_per_weight=bpw, bits_per_weight_native=native,
-                nll=res.nll, stderr=res.stderr, seconds=time.time() - t0)
+                bits_per_weight_model=whole, tables=tables, nll=res.nll, nll_linears=lin.nll, stderr=res.stderr,
+                seconds=time.time() - t0)
+
+
+def float_tables(folder: Path, model: str, device: str):
+    """The quantized checkpoint at ``folder`` with the float checkpoint's embedding and head: its linears' loss alone."""
+    from formats.checkpoint import QuantizedCheckpoint
+    from formats.tensors import HFTensors, OverlaySource
+    from qdllm_export.backends import TorchBackend, resolve
+
+    src = OverlaySource(QuantizedCheckpoint(folder), HFTensors(resolve(model)), ["token_embd.weight", "output.weight"])
+    return TorchBackend(src, folder, device=device)
 
 
 def _tasks(a: argparse.Namespace, done: set) -> list[tuple[str, str, int]]:
@@ -128,11 +140,14 @@ def summarise(results: list[dict], models: list[str], labels: list[str]) -> list
             if not rs:
                 continue
             deltas = [r["nll"] - fp[0] for r in rs]
+            shipped = all("nll_linears" in r for r in rs)  # rows before the tables were chosen at quantize held bf16 ones
+            lin = [r.get("nll_linears", r["nll"]) - fp[0] for r in rs]
             rows.append(dict(model=model, variant=label, n_seeds=len(rs), bits=rs[0]["bits_per_weight"],
-                             native=rs[0].get("bits_per_weight_native"), nll=statistics.mean(r["nll"] for r in rs),
-                             stderr=rs[0]["stderr"], delta=statistics.mean(deltas),
+                             native=rs[0].get("bits_per_weight_native"), whole=rs[0].get("bits_per_weight_model"),
+                             tables=rs[0].get("tables") or "bf16", nll=statistics.mean(r["nll"] for r in rs),
+                             stderr=rs[0]["stderr"], delta=statistics.mean(deltas) if shipped else None,
                              spread=statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
-                             deltas=deltas))
+                             delta_linears=statistics.mean(lin), deltas=deltas if shipped else lin))
     return rows
 
 
@@ -148,10 +163,13 @@ def doc_body(rows: list[dict], a: argparse.Namespace, table: str) -> str:
         if VARIANTS[r["variant"]][3] != table and r["variant"] not in TABLE_REFERENCE[table]:
             continue
         planes, native = _bits(r)
-        lines.append([r["model"], r["variant"], planes, native, f"{r['nll']:.4f} ± {r['stderr']:.4f}",
-                      f"{r['delta']:+.4f} ± {r['spread']:.4f}", " ".join(f"{d:+.3f}" for d in r["deltas"])])
-    head = ["model", "variant", "bits/weight stored (planes)", "bits/weight native packing", "NLL (mean over seeds)",
-            "ΔNLL vs FP (mean ± sd over seeds)", "ΔNLL per calibration seed"]
+        whole = "16 (bf16)" if r["bits"] is None else ("-" if r["whole"] is None else f"{r['whole']:.3f}")
+        shipped = "-" if r["delta"] is None else f"{r['delta']:+.4f} ± {r['spread']:.4f}"
+        lines.append([r["model"], r["variant"], planes, native, whole, r["tables"], shipped,
+                      f"{r['delta_linears']:+.4f}", " ".join(f"{d:+.3f}" for d in r["deltas"])])
+    head = ["model", "variant", "bits/w linears (planes)", "bits/w linears, native packing", "bits/w whole file",
+            "tables (embd/head)", "ΔNLL vs FP, file as shipped (mean ± sd over seeds)",
+            "ΔNLL vs FP, linears only (bf16 tables)", "ΔNLL per calibration seed (as shipped; '-' rows: linears only)"]
     return (
         f"Machine: {a.machine}. Calibration: {a.calib_samples} windows x {a.calib_seq_len} tokens of the bundled "
         "Shakespeare train text per calibration seed (the seed picks the windows and the MCS masks; the last column "
@@ -160,8 +178,11 @@ def doc_body(rows: list[dict], a: argparse.Namespace, table: str) -> str:
         "window, identical masks for every variant; ± after the NLL is the standard error over windows, ± after ΔNLL "
         "the standard deviation over calibration seeds (deltas are paired, so they are far less noisy than the NLL). "
         "Bits per weight: every stored bit of the quantized linears as binary planes (signs, fp16 scales, mu, plane "
-        "counts); for RTN/GPTQ also as their own packing (codes + fp16 scale + fp16 zero per 128-group); embeddings "
-        "and head stay bf16.\n\n" + md_table(head, lines)
+        "counts); for RTN/GPTQ also as their own packing (codes + fp16 scale + fp16 zero per 128-group). The file as "
+        "shipped holds the embedding and head the checkpoint chose (default Q4_K / Q6_K, `quantize --embed-type / "
+        "--head-type`); 'bits/w whole file' counts every tensor of it; 'linears only' evaluates the same quantized "
+        "linears with the float checkpoint's bf16 embedding and head. Rows with '-' as shipped were measured before "
+        "the tables were chosen at quantize (their files held bf16 tables).\n\n" + md_table(head, lines)
     )
 
 
