@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, md_table, write_section  # noqa: E402
+from qdllm_export.targets.tables import TablesSpec  # noqa: E402
 from formats.onnx import write_onnx  # noqa: E402
 from formats.tensors import HFTensors, canonical_names, canonical_shape, is_linear  # noqa: E402
 from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows  # noqa: E402
@@ -57,6 +58,9 @@ class EvalConfig:
     windows: int = 96
     mc: int = 8
     seed: int = 0
+
+
+F16_TABLES = TablesSpec("f16", "f16")  # every file of this benchmark holds token_embd / output f16
 
 
 @dataclass
@@ -159,7 +163,7 @@ def ours(folder: Path, out: Path, outtype: str, bpw: float | None, block_size: i
 
     ck = out.with_suffix(".q")
     shutil.rmtree(ck, ignore_errors=True)
-    _, rec = quantize_nbits(folder, ck, NBitsSpec(outtype, bpw, block_size), ccfg, device=device)
+    _, rec = quantize_nbits(folder, ck, NBitsSpec(outtype, bpw, block_size), ccfg, device=device, tables=F16_TABLES)
     write_onnx(out, QuantizedCheckpoint(ck), accuracy_level=level, tokenizer=load_tokenizer(folder), overwrite=True)
     return out, float(rec["bits_per_weight_linear"])
 
@@ -189,7 +193,7 @@ def planes(folder: Path, out: Path, ccfg: CalibConfig, device: str) -> tuple[Pat
 
     ck = out.with_suffix(".q")
     shutil.rmtree(ck, ignore_errors=True)
-    _, rec = quantize_checkpoint(folder, ck, QuantConfig(method="quant-dllm", bits=2), ccfg, device=device)
+    _, rec = quantize_checkpoint(folder, ck, QuantConfig(method="quant-dllm", bits=2), ccfg, device=device, tables=F16_TABLES)
     write_onnx(out, QuantizedCheckpoint(ck), tokenizer=load_tokenizer(folder), overwrite=True)
     return out, float(rec["bits_per_weight_linear"])
 
@@ -456,17 +460,28 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def whole_bits(model: str, linear: float) -> float:
+    """Bits per weight of a whole file of ``model``: linears at ``linear``, f16 tables, f32 norms."""
+    from bench.llamacpp import whole_bits as bits
+
+    return bits(model, linear, (16.0, 16.0))
+
+
 def markdown(rows: list[Row], args: dict[str, Any], where: str | None = None) -> str:
-    table = md_table(["model", "variant", "block", "bits/weight (linears, stored)", "NLL", "ΔNLL (acc. level 0)", "ΔNLL at level 4"],
+    table = md_table(["model", "variant", "block", "bits/weight (linears, stored)", "bits/weight (whole file)", "NLL",
+                      "ΔNLL (acc. level 0)", "ΔNLL at level 4"],
                      [[r.model, r.label + (" *" if r.note else ""), r.block_size or "-",
                        "32 (fp32)" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}",
+                       f"{whole_bits(r.model, 32.0 if r.bits_per_weight is None else r.bits_per_weight):.3f}",
                        f"{r.nll:.4f} ± {r.stderr:.4f}", f"{r.delta:+.4f}",
                        "-" if r.delta_acc4 is None else f"{r.delta_acc4:+.4f}"] for r in rows])
     return ("## onnxruntime's MatMulNBits grid: ours vs onnxruntime's quantizer (`bench/ort_quant.py`)\n\n"
             f"Machine: {where or machine()}. Calibration: {args['calib_samples']} MCS windows x {args['calib_seq_len']} tokens of the "
             f"bundled train text (ours and onnxruntime's GPTQ alike). Eval: masked-diffusion NLL bound on {args['eval_windows']} "
             f"validation windows x {args['eval_seq_len']} tokens, {args['mc']} masks each, identical for every row; ΔNLL "
-            "against our fp32 export (token_embd / output f16 in every file); all files run in onnxruntime at accuracy "
+            "against our fp32 export (token_embd / output f16 in every file, as in the files `onnx --outtype planes` "
+            "writes; the `int*` outtypes' default is int8 tables, docs/onnx-format.md 3b; the whole file's bits count "
+            "every tensor, norms f32); all files run in onnxruntime at accuracy "
             "level 0 (fp32 compute) unless the column says level 4. Bits per weight: every stored bit of the linears' "
             "codes, scales (ours fp16, onnxruntime's fp32) and zero points. * = onnxruntime stores these weights as "
             "floats (its GPTQ and k-quant write MatMulNBits only at 4 bits); their bits/weight are what MatMulNBits "
