@@ -139,3 +139,65 @@ def test_packers_refuse_bad_fields():
         gt.pack_q8_0(np.zeros(32), np.float32(0.1))
     with pytest.raises(QdllmError, match="Q3_K scales"):
         gt.pack_q3_k(np.zeros(256), np.full(16, 32), np.float32(1))
+
+
+class _ColumnByColumn:
+    """A grid without ``round_plain``: the driver rounds it unit by unit, as it did before that method existed."""
+
+    def __init__(self, grid):
+        self.grid, self.name, self.block, self.unit = grid, grid.name, grid.block, grid.unit
+
+    def __getattr__(self, attr):
+        if attr == "round_plain":
+            raise AttributeError(attr)
+        return getattr(self.grid, attr)
+
+
+@pytest.mark.parametrize("name", ("q2_k", "q3_k", "q4_k", "q6_k", "q8_0", "iq4_nl", "iq2_xs", "int4"))
+@pytest.mark.parametrize("rounding", ("rtn", "importance"))
+def test_plain_rounding_at_once_equals_column_by_column(name, rounding):
+    """Issue 15 (RTN onto stock grids was slow): without compensation the driver rounds every column of a block at
+    once (``round_plain``); the stored bytes are exactly those of rounding unit by unit."""
+    from qdllm_export.grids.nbits import NBitsGrid
+
+    if name == "iq2_xs" and not libggml.available():
+        pytest.skip("llama-cpp-python (libggml) is not installed")
+    make = (lambda: NBitsGrid(4, 32)) if name == "int4" else GGML_GRIDS[name]
+    W = hard_rows(512, 4, rows=24)
+    H = None if rounding == "rtn" else correlated_hessian(512, 5)
+    cfg = GridConfig(rounding=rounding)
+    fast, slow = grid_quantize(W, H, make(), cfg), grid_quantize(W, H, _ColumnByColumn(make()), cfg)
+    assert hasattr(make(), "round_plain")
+    a, b = fast.stored.arrays(), slow.stored.arrays()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert torch.equal(fast.w_hat, slow.w_hat)
+
+
+def test_fit_results_do_not_depend_on_the_thread_count(monkeypatch):
+    """The grid fits run on the cores other processes leave free (``grids.threads``): allowed because their bytes
+    are the same on 1 and 2 threads, for every rounding."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # keeps fit_threads from changing the count under test
+    W, H = hard_rows(512, 6, rows=24), correlated_hessian(512, 7)
+    runs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        runs.append([grid_quantize(W, None if r == "rtn" else H, grid_for(t, 512), GridConfig(rounding=r)).stored.data
+                     for t in ("q2_k", "q4_k", "iq4_nl") for r in ("rtn", "importance", "gptq")])
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+
+
+def test_fits_take_the_cores_other_processes_leave(monkeypatch):
+    from qdllm_export.grids import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    torch.set_num_threads(4)
+    for busy, want in ((12.0, 1), (2.0, 2), (0.0, 4)):
+        monkeypatch.setattr(threads, "_busy", {"others": busy})
+        monkeypatch.setattr(threads, "_runnable_others", lambda busy=busy: busy)
+        assert threads.fit_threads() == want
+        seen = []
+        threads.on_free_cores(lambda W: seen.append(torch.get_num_threads()))(torch.zeros(1))
+        assert seen == [want] and torch.get_num_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice is kept
+    assert threads.fit_threads() == 4

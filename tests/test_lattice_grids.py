@@ -81,6 +81,29 @@ def test_nearest_is_the_exact_weighted_nearest_point(name):
         assert (neg.sum(-1) % 2 == 0).all()
 
 
+@pytest.mark.parametrize("name", [n for n in TYPES if SPECS[n].parity])
+def test_parity_pick_prices_few_candidates_and_matches_pricing_all(name):
+    """The sign-parity choice prices only the cheapest candidates (falling back to all where one beyond them could
+    win): the same points and flipped elements, bit for bit, as pricing every candidate, whatever the cut-off."""
+    from qdllm_export.grids.lattice import _parity_pick
+
+    sp = SPECS[name]
+    G = torch.from_numpy(codebook(sp.ggml_type))
+    g = torch.Generator().manual_seed(3)
+    k = 4000
+    a = torch.rand(k, sp.dim, generator=g) * torch.rand(k, 1, generator=g)
+    b = torch.rand(k, 1, generator=g) * 0.05
+    cost = b * (b * G.square().sum(1)) - 2.0 * b * (a @ G.T)
+    cost[:50] = cost[:50].round(decimals=2)  # ties between candidates
+    full = _parity_pick(a, b, cost, G, priced=G.shape[0])
+    flip, which = (a[:, None, :] * G).min(-1)
+    brute = (cost + 4.0 * b * flip).argmin(-1)
+    assert torch.equal(full[0], brute) and torch.equal(full[1], which.gather(-1, brute[:, None])[:, 0])
+    for priced in (1, 4, 16):
+        pick, flipped = _parity_pick(a, b, cost, G, priced=priced)
+        assert torch.equal(pick, full[0]) and torch.equal(flipped, full[1]), priced
+
+
 @pytest.mark.parametrize("name", ("iq2_xs", "iq3_s"))
 def test_gptq_inside_the_block_beats_ggml_in_the_driver(name):
     """Output error tr(D H D^T) of our fit below ggml's encoder in the same driver (gptq, refit), on a

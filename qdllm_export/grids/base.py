@@ -32,6 +32,7 @@ import torch
 
 from formats.errors import QdllmError
 from qdllm_export.quant.hessian import inverse_hessian_factor
+from qdllm_export.grids.threads import on_free_cores
 from qdllm_export.timing import phase
 
 ROUNDINGS = ("rtn", "importance", "gptq")
@@ -130,6 +131,7 @@ def _check(W: torch.Tensor, grid: Grid, name: str) -> None:
 
 
 @torch.no_grad()
+@on_free_cores
 def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: GridConfig, name: str = "") -> GridResult:
     """Fit ``grid`` to ``W [n_out, n_in]`` with layer-input Hessian ``H [n_in, n_in]`` (None: no data)."""
     _check(W, grid, name)

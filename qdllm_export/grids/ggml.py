@@ -173,6 +173,10 @@ class GGMLGrid:
         st.q[:, c] = idx
         return self.value(idx, dl, ml)[:, None]
 
+    def round_plain(self, st: GGMLState, Wb: torch.Tensor) -> None:
+        """Nothing to do: ``init`` ends with every code nearest to ``Wb`` under the final parameters (each
+        parameter change in ``_descend`` comes with its re-rounded codes), which is what ``round`` would record."""
+
     def refit(self, st: GGMLState, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
         st.cols = None
         if refit:
@@ -219,9 +223,15 @@ class GGMLGrid:
 
     def _errors(self, X: torch.Tensor, wt: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes under per-sub-block ``dl``, ``ml`` [..., n, S] (leading candidate dims allowed) and
-        their weighted error [..., n, S]; ``X`` [n, S, L]."""
-        idx = self.nearest(X, dl[..., None], ml[..., None])
-        err = (wt * (self.value(idx, dl[..., None], ml[..., None]) - X).square()).sum(-1)
+        their weighted error [..., n, S]; ``X`` [n, S, L]. Codes are float (whole numbers) for uniform levels."""
+        dl, ml = dl[..., None], ml[..., None]
+        if self.spec.uniform:  # the level itself, as nearest() rounds it, and idx = level - levels[0]: no gathers
+            lev = self.spec.levels
+            v = torch.round((X + ml) / torch.where(dl == 0, 1.0, dl)).clamp_(lev[0], lev[-1])
+            err = (wt * (dl * v - ml - X).square()).sum(-1)
+            return v.sub_(lev[0]) if lev[0] else v, err
+        idx = self.nearest(X, dl, ml)
+        err = (wt * (self.value(idx, dl, ml) - X).square()).sum(-1)
         return idx, err
 
     def _fields(self, d: torch.Tensor, dmin: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

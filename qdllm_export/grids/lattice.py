@@ -45,6 +45,7 @@ from formats.ggml_tensor import GGMLTensor
 from qdllm_export.grids import libggml
 
 CHUNK = 1 << 24  # elements of one candidate tensor [rows, groups, E, dim] (64 MB of float32)
+PRICED = 16  # candidates per odd-signed vector whose sign flip is priced before falling back to all (_parity_pick)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,31 @@ SPECS = {s.name: s for s in (
     LatticeSpec("iq2_s", "IQ2_S", 8, 16, False, True),
     LatticeSpec("iq3_s", "IQ3_S", 4, 32, False, False),
 )}
+
+
+def _parity_pick(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, G: torch.Tensor,
+                 priced: int = PRICED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors whose targets have an odd number of negative signs: the point ``argmin_e cost_e + 4 b flip_e``
+    (``flip_e = min_i a_i G_ei``: flipping the sign of element i costs ``4 b w_i |x_i| G_ei``) and the element
+    flipped, from ``a [k, dim]``, ``b [k, 1]``, ``cost [k, E]``. Only the ``priced`` cheapest candidates by cost
+    are priced: flips cost >= 0, so no other candidate can win or tie where the next cheapest cost exceeds the
+    best priced total; the vectors where it does not are priced in full. The same point and element (the first
+    minimum, as ``argmin`` over every candidate) at a fraction of the ``[k, E, dim]`` products."""
+    k, E = cost.shape
+    K = min(priced, E)
+    c_top, e_top = cost.topk(min(K + 1, E), dim=-1, largest=False, sorted=True)
+    flip, which = (a[:, None, :] * G[e_top[:, :K]]).min(-1)  # [k, K]
+    total = c_top[:, :K] + 4.0 * b * flip
+    best = total.min(-1, keepdim=True).values
+    pos = torch.where(total == best, e_top[:, :K], E).argmin(-1)  # the smallest candidate index among the minima
+    pick, flipped = e_top.gather(-1, pos[:, None])[:, 0], which.gather(-1, pos[:, None])[:, 0]
+    if K < E:
+        full = (c_top[:, K] <= best[:, 0]).nonzero(as_tuple=True)[0]  # a candidate beyond the priced ones might win
+        if full.numel():
+            f, w = (a[full][:, None, :] * G).min(-1)  # [r, E]
+            pick[full] = (cost[full] + 4.0 * b[full] * f).argmin(-1)
+            flipped[full] = w.gather(-1, pick[full][:, None])[:, 0]
+    return pick, flipped
 
 
 @lru_cache(maxsize=None)
@@ -156,18 +182,20 @@ class LatticeGrid:
         G, G2 = self.table(x.device)
         a = wt * x.abs()  # [n, m, dim]
         b = db[..., None]  # [n, m, 1]
-        # sum_i w_i (|x_i| - b G_ei)^2 without the constant: b^2 sum_i w_i G_ei^2 - 2 b sum_i w_i |x_i| G_ei
-        cost = b * (b * (wt @ G2.T) - 2.0 * (a @ G.T))  # [n, m, E]
+        # sum_i w_i (|x_i| - b G_ei)^2 without the constant: b^2 sum_i w_i G_ei^2 - 2 b sum_i w_i |x_i| G_ei,
+        # as b * (b * (wt G2^T) - 2 (a G^T)) in place (2 (a G^T) is exact, so the fused add rounds as the subtraction)
+        cost = b * (wt @ G2.T)  # [n, m, E]
+        cost.add_(a @ G.T, alpha=-2.0).mul_(b)
         neg = x < 0
+        idx = cost.argmin(-1)
         if not self.spec.parity:
-            return cost.argmin(-1), neg
-        odd = (neg.sum(-1) % 2 == 1)[..., None]  # [n, m, 1]
-        # flipping the sign of element i costs 4 b w_i |x_i| G_ei: the cheapest flip per candidate
-        flip, which = (a[:, :, None, :] * G).min(-1)  # [n, m, E]
-        idx = (cost + torch.where(odd, 4.0 * b * flip, 0.0)).argmin(-1)
-        i = which.gather(-1, idx[..., None])  # [n, m, 1]
-        hit = torch.arange(x.shape[-1], device=x.device) == i
-        return idx, neg ^ (odd & hit)
+            return idx, neg
+        odd = (neg.sum(-1) % 2 == 1).nonzero(as_tuple=True)  # vectors whose signs break the parity
+        if odd[0].numel():  # the even ones keep their nearest point and signs
+            pick, flipped = _parity_pick(a[odd], b[odd], cost[odd], G)
+            idx[odd] = pick
+            neg[odd] ^= torch.arange(x.shape[-1], device=x.device) == flipped[:, None]
+        return idx, neg
 
     # ------------------------------------------------------------------ driver protocol
     def init(self, Wb: torch.Tensor, imp: torch.Tensor | None) -> LatticeState:
@@ -196,6 +224,10 @@ class LatticeGrid:
         st.neg[:, c : c + self.unit] = neg.reshape(n, -1)
         v = st.db[:, c // sp.sub, None] * self.table(w.device)[0][idx].reshape(n, -1)
         return torch.where(neg.reshape(n, -1), -v, v)
+
+    def round_plain(self, st: LatticeState, Wb: torch.Tensor) -> None:
+        """Nothing to do: ``init`` ends with ``_round_all`` of ``Wb`` under the final scales, the points ``round``
+        would pick group by group."""
 
     def refit(self, st: LatticeState, T: torch.Tensor, imp: torch.Tensor | None, refit: bool) -> torch.Tensor:
         st.db = None

@@ -81,6 +81,10 @@ class NBitsGrid:
         state.q[:, c : c + w.shape[1]] = q
         return (q - state.z[:, None]) * state.s[:, None]
 
+    def round_plain(self, state: NBitsState, Wb: torch.Tensor) -> None:
+        """The codes of every column at once (``round``'s arithmetic on the whole block)."""
+        state.q = torch.clamp(torch.round(Wb / state.s[:, None] + state.z[:, None]), 0.0, self.maxq)
+
     def values(self, state: NBitsState) -> torch.Tensor:
         return (state.q - state.z[:, None]) * state.s[:, None]
 
