@@ -25,9 +25,10 @@ device-agnostic, vectorised over rows.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from formats.errors import QdllmError
@@ -132,8 +133,13 @@ def _check(W: torch.Tensor, grid: Grid, name: str) -> None:
 
 @torch.no_grad()
 @on_free_cores
-def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: GridConfig, name: str = "") -> GridResult:
-    """Fit ``grid`` to ``W [n_out, n_in]`` with layer-input Hessian ``H [n_in, n_in]`` (None: no data)."""
+def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: GridConfig, name: str = "",
+                  refit_rows: torch.Tensor | None = None) -> GridResult:
+    """Fit ``grid`` to ``W [n_out, n_in]`` with layer-input Hessian ``H [n_in, n_in]`` (None: no data).
+
+    ``refit_rows`` (bool ``[n_out]``): the rows whose blocks get the closed-form refit, the others none
+    (default: every row when ``cfg.refit``). Rows are independent, so stacking a matrix twice with half the
+    rows refitted fits both variants in one walk over the columns (``targets.ggml.StockGridTarget``)."""
     _check(W, grid, name)
     W = W.detach().to(torch.float32).clone()
     n_out, n_in = W.shape
@@ -166,7 +172,8 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
         with phase("grid:loop"):
             T = _round_block(grid, state, W_start, None if U is None else U[c0:c1, c0:c1], lp)
         with phase("grid:refit"):
-            Q = grid.refit(state, T if inv is None else T[:, inv], ib, cfg.refit)
+            Tb = T if inv is None else T[:, inv]
+            Q = grid.refit(state, Tb, ib, cfg.refit) if refit_rows is None else _refit_rows(grid, state, Tb, ib, refit_rows)
         Qp = Q if lp is None else Q[:, lp]
         W_hat[:, c0:c1] = Qp
         states.append(state)
@@ -179,6 +186,41 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
     with phase("grid:pack"):
         stored = grid.pack(states, (n_out, n_in), name)
     return GridResult(stored=stored, w_hat=W_hat)
+
+
+def _refit_rows(grid: Grid, state: Any, T: torch.Tensor, imp: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``grid.refit`` of one block with the refit applied only where ``rows`` (bool ``[n]``): values ``[n, block]``
+    and ``state`` exactly as a refitted run gives them on those rows and an unrefitted one on the others."""
+    plain = grid.refit(state, T, imp, False)  # the values as rounded; the state is left as it is
+    before = _map_state(state, lambda a: a.clone() if isinstance(a, torch.Tensor) else a.copy())
+    refitted = grid.refit(state, T, imp, True)
+    n, keep = rows.shape[0], rows.cpu().numpy()
+
+    def pick(new: Any, old: Any) -> Any:
+        if isinstance(new, torch.Tensor) and new.ndim and new.shape[0] == n:
+            return torch.where(rows.view(n, *([1] * (new.ndim - 1))), new, old)
+        if isinstance(new, np.ndarray) and new.ndim and new.shape[0] == n:
+            return np.where(keep.reshape(n, *([1] * (new.ndim - 1))), new, old)
+        return new  # per block, not per row (column weights, caches): the refit leaves it as it was
+
+    _merge_state(state, before, pick)
+    return torch.where(rows[:, None], refitted, plain)
+
+
+def _map_state(state: Any, fn: Any) -> Any:
+    """A copy of a grid state (a dataclass or a dict) with ``fn`` applied to its tensor and array fields."""
+    items = state.items() if isinstance(state, dict) else ((f.name, getattr(state, f.name)) for f in fields(state))
+    out = {k: fn(v) if isinstance(v, (torch.Tensor, np.ndarray)) else v for k, v in items}
+    return out if isinstance(state, dict) else replace(state, **out)
+
+
+def _merge_state(state: Any, other: Any, pick: Any) -> None:
+    """``state``'s fields set in place to ``pick(state's, other's)``."""
+    if isinstance(state, dict):
+        state.update({k: pick(v, other[k]) for k, v in state.items()})
+        return
+    for f in fields(state):
+        setattr(state, f.name, pick(getattr(state, f.name), getattr(other, f.name)))
 
 
 def _block_order(H: torch.Tensor, block: int) -> torch.Tensor:

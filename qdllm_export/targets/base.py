@@ -5,7 +5,8 @@ A target answers three questions for each transformer block:
 * ``needs_data``: whether calibration activations change its result (RTN's never do, so the
   pipeline skips calibration for it);
 * ``plan_block(i, weights, Hs)``: per-linear choices made once per transformer block from the float
-  block's statistics (Quant-dLLM's ABMP planes, pooled over the block's linears);
+  block's statistics (Quant-dLLM's ABMP planes, pooled over the block's linears); ``plan_needs_hessians``
+  says whether it reads ``Hs`` of every linear (else the pipeline passes those of the first group only);
 * ``quantize(name, W, H, plan)``: one linear -> ``(stored tensor, W_hat float32 torch, stats)``.
 """
 
@@ -24,6 +25,7 @@ from qdllm_export.timing import phase
 
 class Target(Protocol):
     needs_data: bool
+    plan_needs_hessians: bool
 
     def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         ...
@@ -48,6 +50,8 @@ class GridTarget:
     @property
     def needs_data(self) -> bool:
         return self.cfg.rounding != "rtn"
+
+    plan_needs_hessians = False  # plan_block reads no statistics: the pipeline computes each group's H once
 
     def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         return {r: None for r in weights}

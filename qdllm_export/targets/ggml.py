@@ -139,22 +139,59 @@ class StockGridTarget:
     def needs_data(self) -> bool:
         return self.base.needs_data
 
+    @property
+    def plan_needs_hessians(self) -> bool:
+        return self.base.plan_needs_hessians
+
     def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: Any) -> dict[str, Any]:
         return self.base.plan_block(i, weights, Hs)
 
     def quantize(self, name: str, W: torch.Tensor, H: Any, plan: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
-        from dataclasses import replace
-
-        from qdllm_export.targets.base import GridTarget
-
-        first = self.base.quantize(name, W, H, plan)
         if H is None or self.cfg.rounding != "gptq" or not self.cfg.refit:
-            return first
-        other = GridTarget(self.grid_of, replace(self.cfg, refit=False), self.kind, self.describe).quantize(name, W, H, plan)
-        best = min((first, other), key=lambda r: r[2]["rel_output_err"])
-        best[2]["refit"] = best is first
-        best[2]["seconds"] = first[2]["seconds"] + other[2]["seconds"]
-        return best
+            return self.base.quantize(name, W, H, plan)
+        return self._both([name], [W], H, self.grid_of(name, int(W.shape[1])))[0]
+
+    def quantize_stacked(self, names: list[str], Ws: list[torch.Tensor], H: Any
+                         ) -> list[tuple[Any, torch.Tensor, dict[str, Any]]] | None:
+        """Linears of one input and one grid (q/k/v, gate/up) fitted together, both variants of each in
+        one walk over the columns; None when their grids differ (the pipeline then quantizes one at a time)."""
+        if H is None or self.cfg.rounding != "gptq" or not self.cfg.refit:
+            return self.base.quantize_stacked(names, Ws, H)
+        grids = [self.grid_of(n, int(W.shape[1])) for n, W in zip(names, Ws)]
+        if len({g.name for g in grids}) != 1 or len({int(W.shape[1]) for W in Ws}) != 1:
+            return None
+        return self._both(names, Ws, H, grids[0])
+
+    def _both(self, names: list[str], Ws: list[torch.Tensor], H: torch.Tensor, grid: Any
+              ) -> list[tuple[Any, torch.Tensor, dict[str, Any]]]:
+        """The rows of ``Ws`` stacked twice, fitted with (first copy) and without (second) the refit
+        (``grid_quantize(refit_rows=...)``: rows are independent, so each copy is what its own fit gives);
+        per linear the variant of lower output error, the refitted one on ties."""
+        import time
+
+        from qdllm_export.grids.base import grid_quantize
+        from qdllm_export.quant import error_stats
+
+        t0 = time.perf_counter()
+        Wc = torch.cat([W.detach().to(torch.float32) for W in Ws])
+        n = Wc.shape[0]
+        rows = torch.arange(2 * n, device=Wc.device) < n
+        res = grid_quantize(torch.cat([Wc, Wc]), H, grid, self.cfg, name="+".join(names), refit_rows=rows)
+        out, a = [], 0
+        for name, W in zip(names, Ws):
+            b = a + W.shape[0]
+            fits = []
+            for off in (0, n):
+                w_hat = res.w_hat[off + a : off + b]
+                stats = error_stats(W.detach().to(torch.float32), w_hat, H)
+                stats.update(method=f"grid-{self.cfg.rounding}", grid=grid.name)
+                fits.append((res.stored.rows(off + a, off + b, name=name), w_hat, stats))
+            best = min(fits, key=lambda r: r[2]["rel_output_err"])
+            best[2].update(bits_per_weight=best[0].bits_per_weight(), refit=best is fits[0],
+                           seconds=(time.perf_counter() - t0) / len(names))
+            out.append(best)
+            a = b
+        return out
 
     def record(self) -> dict[str, Any]:
         return {**self.base.record(), "refit_choice": "per linear, lower output error"}

@@ -22,6 +22,11 @@ class PlanesTarget:
     def needs_data(self) -> bool:
         return self.cfg.method != "rtn"
 
+    @property
+    def plan_needs_hessians(self) -> bool:
+        """ABMP ranks every linear's blocks by the float block's statistics."""
+        return self.cfg.method == "quant-dllm" and self.cfg.abmp
+
     def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         roles = list(weights)
         if self.cfg.method != "quant-dllm" or not self.cfg.abmp:
