@@ -101,9 +101,11 @@ marks = []
 _load = P._load_block
 def _timed(*a, **k):
     marks.append(time.time())
+    print(f"MARK {marks[-1] - t0:.1f} s: {k.get('pass_name', 'quantize')} block {a[1]}", file=sys.stderr, flush=True)
     return _load(*a, **k)
 P._load_block = _timed
 from qdllm_export.cli import main
+t0 = time.time()
 src, dst, device, n, L = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 sys.argv = ["qdllm-export", "gguf", src, dst, "--device", device, "--calib-samples", n, "--seq-len", L, "--force"] + sys.argv[7].split()
 t0 = time.time()

@@ -161,8 +161,8 @@ def _f16(x: Any, what: str) -> np.ndarray:
 
 def _or_shift(a: np.ndarray, step: int) -> np.ndarray:
     """``OR_k a[..., k, :] << (step * k)`` over the second-to-last axis -> uint8 ``[..., M]``."""
-    sh = (np.arange(a.shape[-2], dtype=np.uint32) * step)[:, None]
-    return (a.astype(np.uint32) << sh).sum(axis=-2).astype(np.uint8)
+    sh = (np.arange(a.shape[-2], dtype=np.uint8) * step)[:, None]
+    return (a.astype(np.uint8) << sh).sum(axis=-2, dtype=np.uint8)  # the low 8 bits: as in uint32, 4x less memory
 
 
 def _cat(*parts: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ Peak memory: one block's weights, its ``H`` matrices and the calibration activat
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,22 +70,38 @@ class PipelineResult:
 
 
 # ------------------------------------------------------------------------------------------ block helpers
+_prefetch: dict[str, Any] = {}  # the next block's tensors being read: {"src", "i", "future"}
+_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdllm-prefetch")
+
+
 def _load_block(src: HFTensors, i: int, device: str, pass_name: str = "quantize") -> torch.nn.Module:
-    """Block ``i`` of ``src`` in float32 on ``device`` (starts block ``i`` of ``pass_name`` in ``qdllm_export.timing``)."""
+    """Block ``i`` of ``src`` in float32 on ``device`` (starts block ``i`` of ``pass_name`` in ``qdllm_export.timing``).
+    Block ``i + 1``'s tensors are then read in a background thread (one block of float32 arrays on the host),
+    so the next call finds them read while this block was being quantized."""
     start_block(pass_name, i)
     with phase("load"):
-        return _load_block_weights(src, i, device)
+        ahead = _prefetch.pop("future", None) if _prefetch.get("src") is src and _prefetch.get("i") == i else None
+        _prefetch.clear()
+        arrays = ahead.result() if ahead is not None else _read_block(src, i)
+        if i + 1 < src.hparams.n_layers:
+            _prefetch.update(src=src, i=i + 1, future=_reader.submit(_read_block, src, i + 1))
+        return _load_block_weights(src, i, device, arrays)
 
 
-def _load_block_weights(src: HFTensors, i: int, device: str) -> torch.nn.Module:
+def _read_block(src: HFTensors, i: int) -> dict[str, np.ndarray]:
+    """Canonical name -> float32 array of every tensor of block ``i`` (each read opens its own file handle)."""
+    return {name: src.get(name) for name in src.layer_names(i)}
+
+
+def _load_block_weights(src: HFTensors, i: int, device: str, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
     hp = src.hparams
     block = family_module(hp).Block(hp).to(device=device, dtype=torch.float32)
     prefix = hp.spec.layer_prefix.format(i=i)
     hf = hp.spec.hf_names(hp)
     params = dict(block.named_parameters())
-    for name in src.layer_names(i):
+    for name, arr in arrays.items():
         with torch.no_grad():
-            params[hf[name][len(prefix):]].copy_(torch.from_numpy(src.get(name)))
+            params[hf[name][len(prefix):]].copy_(torch.from_numpy(arr))
     return block.eval()
 
 
@@ -101,8 +118,14 @@ def _tf32(on: bool) -> Iterator[None]:
 
 def _fast(x: torch.Tensor):
     """The calibration forwards' matmul precision: TF32 on CUDA (activations only, a relative error of about
-    1e-3, far below a 2-4 bit weight's; Hessians are accumulated in full float32), unchanged elsewhere."""
+    1e-3, far below a 2-4 bit weight's), unchanged elsewhere."""
     return _tf32(True) if x.is_cuda else nullcontext()
+
+
+# ``H += X^T X`` on CUDA with TF32 products and float32 accumulation: inputs rounded to 10 mantissa bits, the
+# precision of GPTQ's own H (fp16 activations, float32 accumulation) and of the TF32 forwards that made X;
+# 4.5x faster on an H100 (a 16384 x 12288 batch: 91 -> 20 ms). False: full float32 products. CPU: no effect.
+HESSIAN_TF32 = True
 
 
 @torch.no_grad()
@@ -133,7 +156,7 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
 
     def seen(r: str, inp: tuple[torch.Tensor, ...]) -> None:
         if src[r] == r:
-            with _tf32(False), phase("hessian"):
+            with _tf32(HESSIAN_TF32), phase("hessian"):
                 acc[r].add_batch(inp[0])
         pending.discard(r)
         if not pending:

@@ -105,8 +105,9 @@ class GridConfig:
 
 @dataclass
 class GridResult:
-    stored: Any  # the formats dataclass of the grid (GGMLTensor, NBitsTensor, ...)
+    stored: Any  # the formats dataclass of the grid (GGMLTensor, NBitsTensor, ...); None with pack=False
     w_hat: torch.Tensor  # float32 [n_out, n_in] on W's device, == stored.dequantize()
+    states: list[Any] | None = None  # pack=False: every block's state, for pack_rows
 
 
 def column_factor(H: torch.Tensor, U: torch.Tensor | None, kind: str, block: int) -> torch.Tensor:
@@ -134,12 +135,13 @@ def _check(W: torch.Tensor, grid: Grid, name: str) -> None:
 @torch.no_grad()
 @on_free_cores
 def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: GridConfig, name: str = "",
-                  refit_rows: torch.Tensor | None = None) -> GridResult:
+                  refit_rows: torch.Tensor | None = None, pack: bool = True) -> GridResult:
     """Fit ``grid`` to ``W [n_out, n_in]`` with layer-input Hessian ``H [n_in, n_in]`` (None: no data).
 
     ``refit_rows`` (bool ``[n_out]``): the rows whose blocks get the closed-form refit, the others none
     (default: every row when ``cfg.refit``). Rows are independent, so stacking a matrix twice with half the
-    rows refitted fits both variants in one walk over the columns (``targets.ggml.StockGridTarget``)."""
+    rows refitted fits both variants in one walk over the columns (``targets.ggml.StockGridTarget``).
+    ``pack=False``: no stored tensor, the blocks' states instead (``pack_rows`` packs the rows kept)."""
     _check(W, grid, name)
     W = W.detach().to(torch.float32).clone()
     n_out, n_in = W.shape
@@ -183,20 +185,38 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
                 W[:, c1:] -= Err @ U[c0:c1, c1:]
     if perm is not None:
         W_hat = W_hat[:, torch.argsort(perm)]
+    if not pack:
+        return GridResult(stored=None, w_hat=W_hat, states=states)
     with phase("grid:pack"):
         stored = grid.pack(states, (n_out, n_in), name)
     return GridResult(stored=stored, w_hat=W_hat)
+
+
+def pack_rows(grid: Grid, states: list[Any], rows: torch.Tensor, shape: tuple[int, int], name: str = "") -> Any:
+    """The stored tensor of rows ``rows`` (long ``[k]``) of a fit of ``shape`` made with
+    ``grid_quantize(pack=False)``: bit for bit those rows of what ``grid.pack`` makes of every row."""
+    n, idx = shape[0], rows.cpu().numpy()
+
+    def take(a: Any, key: str) -> Any:
+        if key in PER_BLOCK or not a.ndim or a.shape[0] != n:
+            return a
+        return a[rows.to(a.device)] if isinstance(a, torch.Tensor) else a[idx]
+
+    with phase("grid:pack"):
+        return grid.pack([_map_state(st, take) for st in states], (int(rows.shape[0]), shape[1]), name)
 
 
 def _refit_rows(grid: Grid, state: Any, T: torch.Tensor, imp: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     """``grid.refit`` of one block with the refit applied only where ``rows`` (bool ``[n]``): values ``[n, block]``
     and ``state`` exactly as a refitted run gives them on those rows and an unrefitted one on the others."""
     plain = grid.refit(state, T, imp, False)  # the values as rounded; the state is left as it is
-    before = _map_state(state, lambda a: a.clone() if isinstance(a, torch.Tensor) else a.copy())
+    before = _map_state(state, lambda a, _: a.clone() if isinstance(a, torch.Tensor) else a.copy())
     refitted = grid.refit(state, T, imp, True)
     n, keep = rows.shape[0], rows.cpu().numpy()
 
-    def pick(new: Any, old: Any) -> Any:
+    def pick(new: Any, old: Any, key: str) -> Any:
+        if key in PER_BLOCK:
+            return new
         if isinstance(new, torch.Tensor) and new.ndim and new.shape[0] == n:
             return torch.where(rows.view(n, *([1] * (new.ndim - 1))), new, old)
         if isinstance(new, np.ndarray) and new.ndim and new.shape[0] == n:
@@ -207,20 +227,25 @@ def _refit_rows(grid: Grid, state: Any, T: torch.Tensor, imp: torch.Tensor | Non
     return torch.where(rows[:, None], refitted, plain)
 
 
+# fields of a grid state that hold one value per column of the block, not per row (lattice and libggml weights)
+PER_BLOCK = ("wt", "imp")
+
+
 def _map_state(state: Any, fn: Any) -> Any:
-    """A copy of a grid state (a dataclass or a dict) with ``fn`` applied to its tensor and array fields."""
+    """A copy of a grid state (a dataclass or a dict) with ``fn(value, field name)`` applied to its tensor and
+    array fields."""
     items = state.items() if isinstance(state, dict) else ((f.name, getattr(state, f.name)) for f in fields(state))
-    out = {k: fn(v) if isinstance(v, (torch.Tensor, np.ndarray)) else v for k, v in items}
+    out = {k: fn(v, k) if isinstance(v, (torch.Tensor, np.ndarray)) else v for k, v in items}
     return out if isinstance(state, dict) else replace(state, **out)
 
 
 def _merge_state(state: Any, other: Any, pick: Any) -> None:
     """``state``'s fields set in place to ``pick(state's, other's)``."""
     if isinstance(state, dict):
-        state.update({k: pick(v, other[k]) for k, v in state.items()})
+        state.update({k: pick(v, other[k], k) for k, v in state.items()})
         return
     for f in fields(state):
-        setattr(state, f.name, pick(getattr(state, f.name), getattr(other, f.name)))
+        setattr(state, f.name, pick(getattr(state, f.name), getattr(other, f.name), f.name))
 
 
 def _block_order(H: torch.Tensor, block: int) -> torch.Tensor:

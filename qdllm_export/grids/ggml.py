@@ -192,7 +192,8 @@ class GGMLGrid:
         def cat(f: str) -> np.ndarray:
             return torch.stack([getattr(st, f) for st in states], dim=1).cpu().numpy()
 
-        q = lev[cat("q").astype(np.int64)]  # [n, nb, block]
+        codes = cat("q")  # [n, nb, block] uint8 indices into the levels
+        q = codes.astype(np.int16) + lev[0] if sp.uniform else lev[codes.astype(np.int64)]  # the levels themselves
         d, dmin = cat("d"), cat("dmin")
         sc, m = cat("sc").astype(np.int64), cat("m").astype(np.int64)
         t = sp.ggml_type
@@ -247,7 +248,7 @@ class GGMLGrid:
                o: torch.Tensor) -> torch.Tensor:
         """Weighted error [K, n] of the re-rounded block under each candidate ``d``, ``dmin`` [K, n]."""
         out = []
-        for k0, k1 in _chunks(d.shape[0], X.numel()):
+        for k0, k1 in _chunks(d.shape[0], X.numel(), X.device):
             sc, m = self._fields(d[k0:k1], dmin[k0:k1], s, o)
             out.append(self._errors(X, wt, d[k0:k1, :, None] * sc, dmin[k0:k1, :, None] * m)[1].sum(-1))
         return torch.cat(out)
@@ -348,11 +349,14 @@ class GGMLGrid:
 
 
 CHUNK = 1 << 23  # elements of one candidate batch [K, n, S, L] (32 MB of float32 per temporary)
+CHUNK_CUDA = 1 << 26  # on a GPU (256 MB a temporary): a linear of 8B's shapes gets several candidates a launch
 
 
-def _chunks(k: int, per: int) -> list[tuple[int, int]]:
-    """Candidate ranges ``[k0, k1)`` of at most ``CHUNK / per`` candidates each."""
-    step = max(1, CHUNK // max(per, 1))
+def _chunks(k: int, per: int, device: torch.device | None = None) -> list[tuple[int, int]]:
+    """Candidate ranges ``[k0, k1)`` of at most ``CHUNK / per`` candidates each (``CHUNK_CUDA`` on a GPU:
+    each candidate is computed alone and the first least error wins across chunks, so only the number of
+    launches changes)."""
+    step = max(1, (CHUNK_CUDA if device is not None and device.type == "cuda" else CHUNK) // max(per, 1))
     return [(k0, min(k, k0 + step)) for k0 in range(0, k, step)]
 
 
@@ -374,7 +378,7 @@ def _sym_sub_fit(grid: GGMLGrid, X: torch.Tensor, wt: torch.Tensor) -> torch.Ten
     sxx = (wt * X * X).sum(-1)
     ends = [L * r for L in (grid.spec.levels[0], grid.spec.levels[-1]) for r in SUB_RATIOS]
     best_e, best_s = sxx, torch.zeros_like(sxx)  # s = 0
-    for k0, k1 in _chunks(len(ends), X.numel()):
+    for k0, k1 in _chunks(len(ends), X.numel(), X.device):
         s = xm / torch.tensor(ends[k0:k1], device=X.device)[:, None, None]  # [K, n, S]
         v = lev[grid.nearest(X, s[..., None], torch.zeros_like(s)[..., None])]
         svv, svx = (wt * v * v).sum(-1), (wt * v * X).sum(-1)
@@ -404,7 +408,7 @@ def _affine_sub_fit(X: torch.Tensor, wt: torch.Tensor, nq: int, clamp_min: bool,
     best_e = torch.full_like(mn, float("inf"))
     best_s, best_o = torch.zeros_like(mn), -mn
     steps = [nq + rmin + rdelta * k for k in range(nstep + 1)]
-    for k0, k1 in _chunks(len(steps), X.numel()):
+    for k0, k1 in _chunks(len(steps), X.numel(), X.device):
         iscale = torch.tensor(steps[k0:k1], device=X.device)[:, None, None] / span  # [K, n, S]
         q = torch.round(iscale[..., None] * Xm).clamp_(0, nq)
         wq = wt * q

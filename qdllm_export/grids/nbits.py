@@ -19,6 +19,7 @@ from formats.nbits import BLOCK_SIZES, NBITS, NBitsTensor, pack_low_first, store
 
 SHRINK = torch.linspace(1.0, 0.35, 14).tolist()  # candidate clipping factors of each side of the range
 CANDIDATE_ELEMS = 1 << 20  # init evaluates candidates in chunks of about this many code elements (4 MiB)
+CANDIDATE_ELEMS_CUDA = 1 << 26  # on a GPU (256 MiB): several candidates a launch for 8B's shapes (same choice)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class NBitsGrid:
         shrink = torch.tensor(SHRINK, dtype=Wb.dtype, device=Wb.device)
         a = shrink.repeat_interleave(len(SHRINK))  # candidate c = (a_i, b_j), i major, as nested loops would visit
         b = shrink.repeat(len(SHRINK))
-        chunk = max(1, CANDIDATE_ELEMS // Wb.numel())
+        chunk = max(1, (CANDIDATE_ELEMS_CUDA if Wb.is_cuda else CANDIDATE_ELEMS) // Wb.numel())
         best_err = torch.full_like(xmin, float("inf"))
         best_s, best_z = torch.ones_like(xmin), torch.zeros_like(xmin)
         for c0 in range(0, a.numel(), chunk):

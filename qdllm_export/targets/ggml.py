@@ -169,27 +169,27 @@ class StockGridTarget:
         per linear the variant of lower output error, the refitted one on ties."""
         import time
 
-        from qdllm_export.grids.base import grid_quantize
+        from qdllm_export.grids.base import grid_quantize, pack_rows
         from qdllm_export.quant import error_stats
 
         t0 = time.perf_counter()
         Wc = torch.cat([W.detach().to(torch.float32) for W in Ws])
         n = Wc.shape[0]
         rows = torch.arange(2 * n, device=Wc.device) < n
-        res = grid_quantize(torch.cat([Wc, Wc]), H, grid, self.cfg, name="+".join(names), refit_rows=rows)
+        res = grid_quantize(torch.cat([Wc, Wc]), H, grid, self.cfg, name="+".join(names), refit_rows=rows, pack=False)
         out, a = [], 0
         for name, W in zip(names, Ws):
             b = a + W.shape[0]
             fits = []
-            for off in (0, n):
-                w_hat = res.w_hat[off + a : off + b]
-                stats = error_stats(W.detach().to(torch.float32), w_hat, H)
+            for off in (0, n):  # the refitted rows, then the others
+                stats = error_stats(W.detach().to(torch.float32), res.w_hat[off + a : off + b], H)
                 stats.update(method=f"grid-{self.cfg.rounding}", grid=grid.name)
-                fits.append((res.stored.rows(off + a, off + b, name=name), w_hat, stats))
-            best = min(fits, key=lambda r: r[2]["rel_output_err"])
-            best[2].update(bits_per_weight=best[0].bits_per_weight(), refit=best is fits[0],
-                           seconds=(time.perf_counter() - t0) / len(names))
-            out.append(best)
+                fits.append((off, stats))
+            off, stats = min(fits, key=lambda r: r[1]["rel_output_err"])  # the refitted one on ties
+            stored = pack_rows(grid, res.states, torch.arange(off + a, off + b), (2 * n, Wc.shape[1]), name)
+            stats.update(bits_per_weight=stored.bits_per_weight(), refit=off == 0,
+                         seconds=(time.perf_counter() - t0) / len(names))
+            out.append((stored, res.w_hat[off + a : off + b], stats))
             a = b
         return out
 
