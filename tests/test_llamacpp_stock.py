@@ -41,7 +41,7 @@ def _f32(w: np.ndarray) -> GGMLTensor:
 def stock_file(path, model: str, type_of, embed=("q4_k", "q6_k"), outtype: str = "auto"):
     """The bundled ``model`` with each block linear in ``type_of(name)`` (gguf-py name; "F32" kept float)."""
     from qdllm_export.grids import libggml
-    from qdllm_export.targets.ggml import GridEncoder
+    from qdllm_export.targets.tables import GridEncoder
 
     folder = resolve(model)
     hf = HFTensors(folder)

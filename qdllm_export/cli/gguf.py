@@ -93,7 +93,7 @@ def gguf_(
     with source as (src, tok, meta):
         encoder = None
         if floats and not {embed_type, head_type} <= set(EMBED_TYPES):  # a k-quant: torch-side encoder
-            from qdllm_export.targets.ggml import GridEncoder
+            from qdllm_export.targets.tables import GridEncoder
 
             encoder = GridEncoder(device=q["device"])
         write_gguf(out, src, tokenizer=tok, outtype=outtype, qdllm_meta=meta, embed_type=embed_type if floats else None,

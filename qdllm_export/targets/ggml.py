@@ -10,7 +10,7 @@ ggml blocks) onto one ggml type per linear:
   (``qdllm_export.targets.mix``), chosen among ``AUTO_CANDIDATES``;
 * ``imatrix``: a llama.cpp imatrix file as the (diagonal) importance instead of calibrating.
 
-``token_embd`` and ``output`` are encoded by the pipeline (``targets.tables``, with ``GridEncoder``; llama.cpp-like
+``token_embd`` and ``output`` are encoded by the pipeline (``targets.tables``, with ``tables.GridEncoder``; llama.cpp-like
 defaults: ``formats.gguf.default_embed_types``). The result is a quantized checkpoint of ``GGMLTensor`` linears and
 tables; ``formats.gguf`` writes their bytes unchanged.
 """
@@ -273,44 +273,3 @@ def quantize_stock(model_dir: str | Path, out_dir: str | Path, spec: StockSpec, 
     target = stock_target(model_dir, spec, ccfg, device=device, on_layer=on_layer, sensitivity=sensitivity)
     return quantize_checkpoint(model_dir, out_dir, target, ccfg, tables=tables, device=device, force=force,
                                true_sequential=spec.true_sequential, on_layer=on_layer)
-
-
-class GridEncoder:
-    """``token_embd`` / ``output`` in a ggml type (``formats.gguf.TensorEncoder``): ggml's own encoder
-    through libggml (what llama-quantize applies to these tensors; fast) when llama-cpp-python is
-    installed, else qdllm's grid with plain rounding. ``importance``: llama.cpp name -> column importance
-    ``[n_in]`` (e.g. ``output.weight`` from an imatrix)."""
-
-    def __init__(self, importance: dict[str, np.ndarray] | None = None, device: str = "cpu"):
-        self.importance = dict(importance or {})
-        self.device = device
-
-    def type_of(self, name: str, ggml_type: str, n_in: int) -> str:
-        t = fallback_type(ggml_type.lower(), n_in)
-        return "F16" if t == "f16" else t.upper()
-
-    def encode(self, name: str, w: np.ndarray, ggml_type: str) -> Any:
-        from formats.ggml_tensor import GGMLTensor
-        from qdllm_export.grids import libggml
-
-        imp = self.importance.get(name)
-        if libggml.available():
-            return GGMLTensor(w.shape, ggml_type, libggml.quantize_rows(w, ggml_type, imp), name=name)
-        return _grid_encode(name, w, ggml_type, imp, self.device)
-
-
-def _grid_encode(name: str, w: np.ndarray, ggml_type: str, imp: np.ndarray | None, device: str,
-                 rows: int = 4096) -> Any:
-    """qdllm's grid fit of ``w`` float32 ``[n, k]`` (rows are independent: done ``rows`` at a time)."""
-    from formats.ggml_tensor import GGMLTensor
-    from qdllm_export.grids.base import grid_quantize
-    from qdllm_export.grids.registry import GGML_GRIDS
-
-    grid = GGML_GRIDS[ggml_type.lower()]()
-    cfg = GridConfig(rounding="rtn" if imp is None else "importance")
-    H = None if imp is None else torch.diag(torch.from_numpy(imp).to(device))
-    parts = []
-    for r0 in range(0, w.shape[0], rows):
-        W = torch.from_numpy(np.ascontiguousarray(w[r0 : r0 + rows])).to(device)
-        parts.append(grid_quantize(W, H, grid, cfg, name=name).stored.data)
-    return GGMLTensor(w.shape, ggml_type, np.concatenate(parts), name=name)

@@ -53,8 +53,6 @@ def encode_table(name: str, w: np.ndarray, ggml_type: str, importance: np.ndarra
         raise QdllmError(f"tensor {name} holds NaN or inf values; fix the checkpoint")
     if ggml_type in FLOATS:
         return _float(name, w, ggml_type)
-    from qdllm_export.targets.ggml import GridEncoder
-
     enc = GridEncoder({name: importance} if importance is not None else None, device=device)
     t = enc.type_of(name, ggml_type, int(w.shape[1]))
     return _float(name, w, "f16") if t == "F16" else enc.encode(name, np.ascontiguousarray(w, np.float32), t)
@@ -76,3 +74,50 @@ def type_name(t: Any) -> str:
     if is_stored(t):
         return str(t.ggml_type)
     return {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}[np.asarray(t).dtype]
+
+
+class GridEncoder:
+    """``token_embd`` / ``output`` in a ggml type (``formats.gguf.TensorEncoder``): ggml's own encoder
+    through libggml (what llama-quantize applies to these tensors; fast) when llama-cpp-python is
+    installed, else qdllm's grid with plain rounding. ``importance``: llama.cpp name -> column importance
+    ``[n_in]`` (e.g. ``output.weight`` from an imatrix)."""
+
+    def __init__(self, importance: dict[str, np.ndarray] | None = None, device: str = "cpu"):
+        self.importance = dict(importance or {})
+        self.device = device
+
+    def type_of(self, name: str, ggml_type: str, n_in: int) -> str:
+        from qdllm_export.grids.registry import fallback_type
+
+        t = fallback_type(ggml_type.lower(), n_in)
+        return "F16" if t == "f16" else t.upper()
+
+    def encode(self, name: str, w: np.ndarray, ggml_type: str) -> Any:
+        from formats.ggml_tensor import GGMLTensor
+        from qdllm_export.grids import libggml
+
+        imp = self.importance.get(name)
+        if libggml.available():
+            return GGMLTensor(w.shape, ggml_type, libggml.quantize_rows(w, ggml_type, imp), name=name)
+        return _grid_encode(name, w, ggml_type, imp, self.device)
+
+
+def _grid_encode(name: str, w: np.ndarray, ggml_type: str, imp: np.ndarray | None, device: str,
+                 rows: int = 4096) -> Any:
+    """qdllm's grid fit of ``w`` float32 ``[n, k]`` (rows are independent: done ``rows`` at a time)."""
+    import torch
+
+    from formats.ggml_tensor import GGMLTensor
+    from qdllm_export.grids import GridConfig
+    from qdllm_export.grids.base import grid_quantize
+    from qdllm_export.grids.registry import GGML_GRIDS
+
+    grid = GGML_GRIDS[ggml_type.lower()]()
+    cfg = GridConfig(rounding="rtn" if imp is None else "importance")
+    H = None if imp is None else torch.diag(torch.from_numpy(imp).to(device))
+    parts = []
+    for r0 in range(0, w.shape[0], rows):
+        W = torch.from_numpy(np.ascontiguousarray(w[r0 : r0 + rows])).to(device)
+        parts.append(grid_quantize(W, H, grid, cfg, name=name).stored.data)
+    return GGMLTensor(w.shape, ggml_type, np.concatenate(parts), name=name)
+
