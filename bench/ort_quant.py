@@ -460,11 +460,16 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def whole_bits(model: str, linear: float) -> float:
-    """Bits per weight of a whole file of ``model``: linears at ``linear``, f16 tables, f32 norms."""
+def whole_bits(model: str, linear: float) -> str:
+    """Bits per weight of a whole file of ``model``: linears at ``linear``, f16 tables, f32 norms ("-" for a
+    model that is not a bundled name or a folder, e.g. a test's label)."""
     from bench.llamacpp import whole_bits as bits
+    from formats.errors import QdllmError
 
-    return bits(model, linear, (16.0, 16.0))
+    try:
+        return f"{bits(model, linear, (16.0, 16.0)):.3f}"
+    except QdllmError:
+        return "-"
 
 
 def markdown(rows: list[Row], args: dict[str, Any], where: str | None = None) -> str:
@@ -472,7 +477,7 @@ def markdown(rows: list[Row], args: dict[str, Any], where: str | None = None) ->
                       "ΔNLL (acc. level 0)", "ΔNLL at level 4"],
                      [[r.model, r.label + (" *" if r.note else ""), r.block_size or "-",
                        "32 (fp32)" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}",
-                       f"{whole_bits(r.model, 32.0 if r.bits_per_weight is None else r.bits_per_weight):.3f}",
+                       whole_bits(r.model, 32.0 if r.bits_per_weight is None else r.bits_per_weight),
                        f"{r.nll:.4f} ± {r.stderr:.4f}", f"{r.delta:+.4f}",
                        "-" if r.delta_acc4 is None else f"{r.delta_acc4:+.4f}"] for r in rows])
     return ("## onnxruntime's MatMulNBits grid: ours vs onnxruntime's quantizer (`bench/ort_quant.py`)\n\n"
