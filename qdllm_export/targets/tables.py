@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from formats.errors import QdllmError
-from formats.gguf import DEFAULT_EMBED, EMBED_CHOICES
+from formats.gguf import DEFAULT_EMBED, EMBED_CHOICES, EMBED_ROLES
 from formats.stored import is_stored
 
-TABLES = ("token_embd.weight", "output.weight")
+TABLES = EMBED_ROLES  # (token_embd, output): formats.gguf names them once
 FLOATS = {"f32": np.float32, "f16": np.float16}
 
 
