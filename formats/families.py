@@ -19,7 +19,7 @@ from formats.errors import QdllmError
 class HParams:
     """Architecture hyper-parameters, family-neutral. ``n_vocab`` is the number of logit rows."""
 
-    family: str  # "llada" | "dream"
+    family: str  # "llada" | "dream" | "llada-moe"
     n_vocab: int
     d_model: int
     n_layers: int
@@ -33,6 +33,9 @@ class HParams:
     head_dim: int = 0  # 0: d_model // n_heads
     bos_token_id: int = -1  # -1: none
     eos_token_id: int = -1
+    n_expert: int = 0  # experts per layer (0: a dense model)
+    n_expert_used: int = 0  # experts each token is routed to
+    d_ff_exp: int = 0  # one expert's hidden size
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +49,9 @@ class HParams:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
+        if not self.n_expert:  # dense models keep the dict they always had (imatrix fingerprints, ONNX metadata)
+            for k in MOE_FIELDS:
+                d.pop(k)
         return d
 
     @classmethod
@@ -53,9 +59,18 @@ class HParams:
         return cls(**d)
 
 
+MOE_FIELDS = ("n_expert", "n_expert_used", "d_ff_exp")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """One checkpoint tensor. ``hf`` and ``gguf`` are name templates with ``{i}`` for the layer."""
+    """One checkpoint tensor. ``hf`` and ``gguf`` are name templates with ``{i}`` for the layer (and ``{x}`` for
+    the expert of a ``per_expert`` tensor).
+
+    An expert's linear is a 2-D tensor of its own everywhere but in llama.cpp's files: canonical name
+    ``blk.{i}.ffn_gate_exps.{x}.weight`` (role ``ffn_gate_exps.weight``), and ``stacked`` names the 3-D tensor
+    ``[n_expert, n_out, n_in]`` (NumPy order) that holds all experts of a layer in a GGUF file, one ggml type.
+    """
 
     role: str  # llama.cpp short name, e.g. "attn_q.weight"; our canonical key
     hf: str
@@ -63,6 +78,8 @@ class TensorSpec:
     shape: Callable[[HParams], tuple[int, ...]]
     per_layer: bool
     linear: bool = False  # a quantizable matmul weight
+    per_expert: bool = False
+    stacked: str = ""  # llama.cpp's name of the layer's stacked experts ("blk.{i}.ffn_gate_exps.weight")
 
 
 def _layer_tensors(hf_names: dict[str, str], qkv_bias: bool) -> list[TensorSpec]:
@@ -114,13 +131,22 @@ class Family:
     gguf_rope: str  # "norm" (interleaved pairs, Q/K rows permuted on export) | "neox"
     layer_prefix: str  # HF prefix of block i, for streaming one block at a time
     config_constants: dict[str, Any]  # fixed fields of a published config.json
+    sampler: str = ""  # "llada" | "dream": whose sampler and options (default: the family's name)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (attn_q_norm / attn_k_norm, [head_dim])
+    # config.json keys whose value must be one this family computes: key -> (accepted values, why); a missing
+    # key counts as its first accepted value
+    config_checks: dict[str, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
+
+    @property
+    def sampler_kind(self) -> str:
+        return self.sampler or self.name
 
     def config_from_hparams(self, hp: HParams, **extra: Any) -> dict[str, Any]:
         """A ``config.json`` dict in the published layout for ``hp`` (token ids etc. in ``extra``)."""
         cfg: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_types[0]}
         cfg.update(self.config_constants)
         for fld, keys in self.config_keys.items():
-            for k in keys:
+            for k in keys[:1] if fld in MOE_FIELDS else keys:
                 cfg[k] = getattr(hp, fld)
         cfg.update(extra)
         return cfg
@@ -147,10 +173,46 @@ class Family:
         for key in ("weight_tying", "tie_word_embeddings", "include_bias"):
             if cfg.get(key):
                 raise QdllmError(f"{where}: {key}=true is not supported (published {self.name} models have it false)")
+        for key, (ok, why) in self.config_checks.items():
+            val = cfg.get(key, ok[0])
+            if val not in ok and not (isinstance(val, list) and all(v in ok for v in val)):
+                raise QdllmError(f"{where}: {key}={json.dumps(val)} is not supported: {why}")
+        if self.has_experts():
+            if hp.n_expert <= 0 or not 0 < hp.n_expert_used <= hp.n_expert or hp.d_ff_exp <= 0:
+                raise QdllmError(f"{where}: {hp.n_expert_used} experts used per token of {hp.n_expert} (expert size "
+                                 f"{hp.d_ff_exp}): a {self.name} config needs 0 < num_experts_per_tok <= num_experts "
+                                 "and expert_intermediate_size > 0")
         return hp
+
+    def has_experts(self) -> bool:
+        return any(t.per_expert for t in self.tensors)
 
     def layer_tensors(self) -> list[TensorSpec]:
         return [t for t in self.tensors if t.per_layer]
+
+    def layer_names(self, hp: HParams, i: int) -> list[str]:
+        """Canonical names of layer ``i``'s tensors, in table order (an expert tensor: experts 0..n-1)."""
+        out = []
+        for t in self.layer_tensors():
+            xs = range(hp.n_expert) if t.per_expert else [None]
+            out.extend(t.gguf.format(i=i, x=x) for x in xs)
+        return out
+
+    def spec_of(self, name: str) -> tuple[TensorSpec, int | None, int | None] | None:
+        """(spec, layer, expert) of a canonical name, or None when the family has no such tensor."""
+        if not name.startswith("blk."):
+            return next(((t, None, None) for t in self.tensors if not t.per_layer and t.gguf == name), None)
+        _, layer, rest = name.split(".", 2)
+        if not layer.isdigit():
+            return None
+        expert = None
+        parts = rest.split(".")
+        if len(parts) == 3 and parts[1].isdigit():
+            rest, expert = f"{parts[0]}.{parts[2]}", int(parts[1])
+        for t in self.layer_tensors():
+            if t.role == rest and (expert is not None) == t.per_expert:
+                return t, int(layer), expert
+        return None
 
     def global_tensors(self) -> list[TensorSpec]:
         return [t for t in self.tensors if not t.per_layer]
@@ -160,15 +222,21 @@ class Family:
 
     def hf_names(self, hp: HParams) -> dict[str, str]:
         """Canonical (llama.cpp) name -> Hugging Face name, for every tensor of the model."""
-        return {spec.gguf.format(i=i): hf for hf, (spec, i, _) in self.expected(hp).items()}
+        return {canonical: hf for hf, (_, _, _, canonical) in self.expected_named(hp).items()}
 
     def expected(self, hp: HParams) -> dict[str, tuple[TensorSpec, int | None, tuple[int, ...]]]:
         """HF name -> (spec, layer index or None, shape) for every tensor of a checkpoint."""
+        return {hf: (t, i, shape) for hf, (t, i, shape, _) in self.expected_named(hp).items()}
+
+    def expected_named(self, hp: HParams) -> dict[str, tuple[TensorSpec, int | None, tuple[int, ...], str]]:
+        """HF name -> (spec, layer index or None, shape, canonical name) for every tensor of a checkpoint."""
         out = {}
         for t in self.tensors:
             layers = range(hp.n_layers) if t.per_layer else [None]
+            experts = range(hp.n_expert) if t.per_expert else [None]
             for i in layers:
-                out[t.hf.format(i=i)] = (t, i, t.shape(hp))
+                for x in experts:
+                    out[t.hf.format(i=i, x=x)] = (t, i, t.shape(hp), t.gguf.format(i=i, x=x))
         return out
 
 
@@ -288,7 +356,106 @@ DREAM = Family(
     },
 )
 
-FAMILIES: dict[str, Family] = {"llada": LLADA, "dream": DREAM}
+
+def _moe_layer_tensors() -> list[TensorSpec]:
+    """LLaDA-MoE's per-layer tensors: Qwen2-style attention without biases plus per-head q/k RMSNorm, the router
+    (``ffn_gate_inp``, kept in float: not a quantized linear) and the routed experts (no shared expert)."""
+    p = "model.layers.{i}."
+    q = lambda h: (h.n_heads * h.head_dim, h.d_model)  # noqa: E731
+    kv = lambda h: (h.n_kv_heads * h.head_dim, h.d_model)  # noqa: E731
+    vec = lambda h: (h.d_model,)  # noqa: E731
+    head = lambda h: (h.head_dim,)  # noqa: E731
+    return [
+        TensorSpec("attn_norm.weight", p + "input_layernorm.weight", "blk.{i}.attn_norm.weight", vec, True),
+        TensorSpec("attn_q.weight", p + "self_attn.q_proj.weight", "blk.{i}.attn_q.weight", q, True, True),
+        TensorSpec("attn_k.weight", p + "self_attn.k_proj.weight", "blk.{i}.attn_k.weight", kv, True, True),
+        TensorSpec("attn_v.weight", p + "self_attn.v_proj.weight", "blk.{i}.attn_v.weight", kv, True, True),
+        TensorSpec("attn_q_norm.weight", p + "self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight", head, True),
+        TensorSpec("attn_k_norm.weight", p + "self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight", head, True),
+        TensorSpec("attn_output.weight", p + "self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
+                   lambda h: (h.d_model, h.n_heads * h.head_dim), True, True),
+        TensorSpec("ffn_norm.weight", p + "post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", vec, True),
+        TensorSpec("ffn_gate_inp.weight", p + "mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight",
+                   lambda h: (h.n_expert, h.d_model), True),
+        TensorSpec("ffn_gate_exps.weight", p + "mlp.experts.{x}.gate_proj.weight", "blk.{i}.ffn_gate_exps.{x}.weight",
+                   lambda h: (h.d_ff_exp, h.d_model), True, True, True, "blk.{i}.ffn_gate_exps.weight"),
+        TensorSpec("ffn_up_exps.weight", p + "mlp.experts.{x}.up_proj.weight", "blk.{i}.ffn_up_exps.{x}.weight",
+                   lambda h: (h.d_ff_exp, h.d_model), True, True, True, "blk.{i}.ffn_up_exps.weight"),
+        TensorSpec("ffn_down_exps.weight", p + "mlp.experts.{x}.down_proj.weight", "blk.{i}.ffn_down_exps.{x}.weight",
+                   lambda h: (h.d_model, h.d_ff_exp), True, True, True, "blk.{i}.ffn_down_exps.weight"),
+    ]
+
+
+# LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-Base / -Instruct; llama.cpp's ``llada-moe``, src/models/llada-moe.cpp and
+# convert_hf_to_gguf's LLaDAMoEModel): softmax router over all experts, top-k, weights NOT renormalised, no routed
+# scaling, no shared expert, every layer MoE, per-head q/k RMSNorm, NEOX RoPE (llama.cpp does not permute Q/K).
+LLADA_MOE = Family(
+    name="llada-moe",
+    model_types=("llada_moe", "lladamoe"),
+    architecture="LLaDAMoEModelLM",
+    config_keys={
+        "n_vocab": ("vocab_size",),
+        "d_model": ("hidden_size",),
+        "n_layers": ("num_hidden_layers",),
+        "n_heads": ("num_attention_heads",),
+        "n_kv_heads": ("num_key_value_heads",),
+        "d_ff": ("dense_intermediate_size",),
+        "rope_theta": ("rope_theta",),
+        "norm_eps": ("rms_norm_eps",),
+        "mask_token_id": ("mask_token_id",),
+        "context_length": ("max_position_embeddings",),
+        "bos_token_id": ("bos_token_id",),
+        "eos_token_id": ("eos_token_id",),
+        "n_expert": ("num_experts", "num_local_experts"),
+        "n_expert_used": ("num_experts_per_tok",),
+        "d_ff_exp": ("expert_intermediate_size", "moe_intermediate_size"),
+    },
+    defaults={
+        "n_kv_heads": lambda c: c["num_attention_heads"],
+        "d_ff": lambda c: int(c.get("expert_intermediate_size") or c.get("moe_intermediate_size") or 0)
+        * int(c.get("num_experts_per_tok") or 0),
+        "rope_theta": 50000.0,
+        "norm_eps": 1e-5,
+        "mask_token_id": 156895,  # hard-coded by llama.cpp's converter for LLaDA-MoE
+        "context_length": 8192,
+        "bos_token_id": -1,
+        "eos_token_id": -1,
+    },
+    tensors=tuple(
+        _global_tensors("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight") + _moe_layer_tensors()
+    ),
+    shift_logits=False,
+    qkv_bias=False,
+    gguf_rope="neox",
+    layer_prefix="model.layers.{i}.",
+    config_constants={
+        "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "qk_layernorm": True,
+        "moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False, "norm_topk_prob": False,
+        "routed_scaling_factor": 1, "shared_expert_intermediate_size": None, "partial_rotary_factor": 1.0,
+        "rope_scaling": None, "use_cache": False, "torch_dtype": "bfloat16",
+        "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
+                     "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                     "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
+    },
+    sampler="llada",
+    qk_norm=True,
+    config_checks={
+        "hidden_act": (("silu",), "the experts are SwiGLU with SiLU"),
+        "qk_layernorm": ((True,), "llama.cpp's llada-moe always applies the q/k RMSNorm"),
+        "moe_router_score_function": (("softmax",), "the router is a softmax over all experts (llama.cpp's llada-moe)"),
+        "moe_router_enable_expert_bias": ((False, None), "no expert-selection bias in llama.cpp's llada-moe"),
+        "norm_topk_prob": ((False, None), "llama.cpp's llada-moe does not renormalise the top-k weights"),
+        "routed_scaling_factor": ((1, 1.0, None), "llama.cpp's llada-moe does not scale the routed weights"),
+        "shared_expert_intermediate_size": ((None, 0), "shared experts are not in llama.cpp's llada-moe"),
+        "moe_layer_freq": ((1,), "every layer must be a mixture of experts (dense layers are not in llama.cpp's "
+                                 "llada-moe)"),
+        "partial_rotary_factor": ((1.0, 1, None), "partial RoPE is not supported"),
+        "attention_bias": ((False, None), "LLaDA-MoE's attention has no biases"),
+        "rope_scaling": ((None,), "RoPE scaling is not supported"),
+    },
+)
+
+FAMILIES: dict[str, Family] = {"llada": LLADA, "dream": DREAM, "llada-moe": LLADA_MOE}
 
 
 def family_for_config(cfg: dict[str, Any], where: str = "config.json") -> Family:

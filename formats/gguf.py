@@ -39,7 +39,7 @@ from formats.outputs import check_output_file, gguf_file_writer
 from formats.qtensor import QuantizedTensor
 from formats.stored import kind_of
 from formats.tokenizer import special_token_ids
-from formats.tensors import TensorSource, canonical_names, canonical_shape, fetch_checked, is_linear
+from formats.tensors import TensorSource, canonical_names, canonical_shape, expert_of, fetch_checked, is_linear
 
 # outtype -> (ggml type of the linears, llama.cpp's LlamaFileType for general.file_type). These are the
 # weight types llama.cpp runs for llada / dream that qdllm-export quantizes into. (gguf-py 0.19 has no
@@ -203,8 +203,8 @@ class _Writer:
         return value
 
     def _float_type(self, name: str) -> str:
-        """gguf-py type name of a tensor the source holds as floats."""
-        if name.endswith("norm.weight") or name.endswith(".bias"):
+        """gguf-py type name of a tensor the source holds as floats (norms, biases and a router: F32)."""
+        if name not in EMBED_ROLES and not is_linear(self.hp, name):
             return "F32"
         if name in EMBED_ROLES:
             t = (self.embed_types.get(name) or self._table_default(name)).upper()
@@ -335,11 +335,45 @@ def write_gguf(
     names = canonical_names(source.hparams)
     planned = {n: writer.plan(n) for n in names}
     keys = _file_keys(path, source, writer, planned, dict(qdllm_meta or {}), tokenizer, special_ids, tokenizer_pre)
+    units = _file_units(path, source.hparams, names, planned)
     with gguf_file_writer(path, source.hparams.spec.name) as w:
         w.add_name(name or f"{source.hparams.spec.name}-qdllm")
         _write_keys(w, source.hparams, keys)
-        _write_tensors(w, path, writer, names, planned)
+        _write_tensors(w, path, writer, units, planned)
     return path
+
+
+def _file_units(path: Path, hp: Any, names: list[str], planned: dict[str, list["_Plan"]]) -> list[tuple[list[str], list["_Plan"]]]:
+    """The file's tensors in order, as (canonical names, plans): one name each, except a layer's experts of one
+    role, which llama.cpp reads as one 3-D tensor (``TensorSpec.stacked``, ``[n_expert, n_out, n_in]``, one ggml
+    type). Experts written as binary planes stay one tensor set each (only qdllm's runtimes read them)."""
+    units: list[tuple[list[str], list[_Plan]]] = []
+    stacks: dict[str, list[str]] = {}
+    for n in names:
+        ex = expert_of(hp, n)
+        if ex is None:
+            units.append(([n], planned[n]))
+            continue
+        if ex[0] not in stacks:
+            stacks[ex[0]] = []
+            units.append((stacks[ex[0]], []))
+        stacks[ex[0]].append(n)
+    out = []
+    for group, plans in units:
+        if plans or not group:
+            out.append((group, plans))
+            continue
+        ps = [planned[n] for n in group]
+        if any(len(p) != 1 or p[0].name != n for n, p in zip(group, ps)):  # planes: one tensor set per expert
+            out.extend(([n], planned[n]) for n in group)
+            continue
+        types = sorted({p[0].ggml_type for p in ps})
+        stacked = expert_of(hp, group[0])[0]
+        if len(types) > 1:
+            raise QdllmError(f"{path}: the experts of {stacked} have types {', '.join(types)}, but llama.cpp stores a "
+                             "layer's experts as one tensor of one type; quantize them to one type")
+        out.append((group, [_Plan(stacked, types[0], (len(group),) + ps[0][0].shape)]))
+    return out
 
 
 def _file_keys(path: Path, source: TensorSource, writer: "_Writer", planned: dict[str, list["_Plan"]],
@@ -379,6 +413,10 @@ def _write_keys(w: Any, hp: Any, keys: dict[str, Any]) -> None:
     w.add_causal_attention(False)
     w.add_vocab_size(hp.n_vocab)
     w.add_diffusion_shift_logits(hp.spec.shift_logits)
+    if hp.n_expert:
+        w.add_expert_count(hp.n_expert)
+        w.add_expert_used_count(hp.n_expert_used)
+        w.add_expert_feed_forward_length(hp.d_ff_exp)
     _write_tokenizer(w, keys["vocab"], keys["ids"])
     w.add_uint32("qdllm.format_version", FORMAT_VERSION)
     w.add_string("qdllm.outtype", keys["outtype"])
@@ -406,10 +444,12 @@ def _write_tokenizer(w: Any, vocab: Any, ids: dict[str, int]) -> None:
     w.add_mask_token_id(ids["mask"])
 
 
-def _write_tensors(w: Any, path: Path, writer: "_Writer", names: list[str], planned: dict[str, list["_Plan"]]) -> None:
-    """The tensor infos, the header, then each tensor's data, fetched from the source one at a time."""
+def _write_tensors(w: Any, path: Path, writer: "_Writer", units: list[tuple[list[str], list["_Plan"]]],
+                   planned: dict[str, list["_Plan"]]) -> None:
+    """The tensor infos, the header, then each tensor's data, fetched from the source one at a time (a stacked
+    experts tensor: its experts one after the other)."""
     g = _gguf()
-    plans = [p for n in names for p in planned[n]]
+    plans = [p for _, ps in units for p in ps]
     for p in plans:
         if p.ggml_type in _NP_TYPE:
             w.add_tensor_info(p.name, p.shape, np.dtype(_NP_TYPE[p.ggml_type]), p.nbytes,
@@ -421,8 +461,15 @@ def _write_tensors(w: Any, path: Path, writer: "_Writer", names: list[str], plan
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     it = iter(plans)
-    for n in names:
-        for tname, arr in writer.encode(n, planned[n][0]):
+    for group, ps in units:
+        if len(group) > 1:  # stacked experts
+            arrs = [writer.encode(n, planned[n][0]) for n in group]
+            if any(len(a) != 1 or a[0][1].nbytes * len(group) != ps[0].nbytes for a in arrs):
+                raise QdllmError(f"{path}: tensor {ps[0].name} changed between the two reads of the source")
+            encoded = [(ps[0].name, np.stack([a[0][1] for a in arrs]))]
+        else:
+            encoded = writer.encode(group[0], planned[group[0]][0])
+        for tname, arr in encoded:
             p = next(it, None)
             if p is None or p.name != tname or arr.nbytes != p.nbytes:
                 raise QdllmError(f"{path}: tensor {tname} changed between the two reads of the source "

@@ -19,7 +19,7 @@ from formats.gguf_layout import (FORMAT_VERSION, MU, NPLANES, inverse_permutatio
                                  q1_0_decode, row_permutation, split_qdllm_name)
 from formats.gguf_tokenizer import tokenizer_from_gguf
 from formats.qtensor import MAX_PLANES, QuantizedTensor
-from formats.tensors import canonical_names, canonical_shape, is_linear
+from formats.tensors import canonical_names, canonical_shape, expert_of, is_linear
 
 __all__ = ["GGUFModel", "GGUFTensors", "TensorInfo", "read_gguf", "parse_gguf"]
 
@@ -52,6 +52,12 @@ class GGUFTensors:
         kind = m.layout[name]
         if kind == "quantized":
             value: np.ndarray | QuantizedTensor = self._quantized(name)
+        elif kind == "stacked":  # one expert of llama.cpp's 3-D experts tensor
+            stacked, x = expert_of(self.hparams, name)
+            t = m.infos[stacked]
+            value = dequantize_raw(np.asarray(raw_array(m.mm, t)[x]), t.ggml_type).reshape(canonical_shape(self.hparams, name))
+            if not np.isfinite(value).all():
+                raise self._fail(name, "holds NaN or inf values")
         else:
             t = m.infos[name]
             value = dequantize_raw(raw_array(m.mm, t), t.ggml_type).reshape(canonical_shape(self.hparams, name))
@@ -166,6 +172,15 @@ class GGUFModel:
         if n_heads <= 0 or d_model <= 0:
             raise FormatError(f"{path}: embedding_length {d_model} / head_count {n_heads} must be positive")
         head_dim = _get(meta, path, a + "attention.key_length", "int", d_model // n_heads)
+        moe: dict[str, int] = {}
+        if spec.has_experts():
+            moe["n_expert"] = _get(meta, path, a + "expert_count", "int")
+            moe["n_expert_used"] = _get(meta, path, a + "expert_used_count", "int")
+            if not 0 < moe["n_expert_used"] <= moe["n_expert"]:
+                raise FormatError(f"{path}: {a}expert_used_count {moe['n_expert_used']} must lie in 1..{a}expert_count "
+                                  f"({moe['n_expert']})")
+            moe["d_ff_exp"] = _get(meta, path, a + "expert_feed_forward_length", "int",
+                                   _get(meta, path, a + "feed_forward_length", "int") // moe["n_expert_used"])
         emb = self.infos.get("token_embd.weight")
         if emb is None or len(emb.ne) != 2:
             raise FormatError(f"{path}: tensor 'token_embd.weight' is missing or not 2-D")
@@ -178,7 +193,7 @@ class GGUFModel:
             mask_token_id=_get(meta, path, "tokenizer.ggml.mask_token_id", "int"),
             context_length=_get(meta, path, a + "context_length", "int"), head_dim=head_dim,
             bos_token_id=_get(meta, path, "tokenizer.ggml.bos_token_id", "int", -1),
-            eos_token_id=_get(meta, path, "tokenizer.ggml.eos_token_id", "int", -1),
+            eos_token_id=_get(meta, path, "tokenizer.ggml.eos_token_id", "int", -1), **moe,
         )
         for fld in ("n_layers", "n_kv_heads", "d_ff", "head_dim", "context_length"):
             if not 0 < getattr(hp, fld) < 1 << 31:
@@ -236,6 +251,12 @@ class GGUFModel:
 
         for name in canonical_names(hp):
             shape = canonical_shape(hp, name)
+            ex = expert_of(hp, name)
+            if ex is not None and name not in infos and name + NPLANES not in infos:  # llama.cpp's stacked experts
+                if ex[0] not in seen:
+                    check(ex[0], FLOAT_TYPES, (hp.n_expert,) + tuple(shape))
+                self.layout[name] = "stacked"
+                continue
             if name in infos or not (has_planes and is_linear(hp, name) and name + NPLANES in infos):
                 types = ("F32", "F16", "BF16") if len(shape) == 1 else FLOAT_TYPES
                 check(name, types, shape)
@@ -292,8 +313,21 @@ class GGUFModel:
         return raw_array(self.mm, self.infos[tensor_name])
 
     def tensor_types(self) -> dict[str, str]:
-        """Canonical name -> 'F16' / 'Q8_0' / ... or 'planes' for quantized linears."""
-        return {n: ("planes" if k == "quantized" else self.infos[n].ggml_type) for n, k in self.layout.items()}
+        """Canonical name -> 'F16' / 'Q8_0' / ... or 'planes' for quantized linears (an expert of a stacked
+        tensor: that tensor's type)."""
+        return {n: ("planes" if k == "quantized" else self.info_of(n).ggml_type) for n, k in self.layout.items()}
+
+    def info_of(self, name: str) -> TensorInfo:
+        """The file tensor that holds the float / ggml tensor ``name`` (an expert: its layer's stacked tensor)."""
+        if self.layout.get(name) == "stacked":
+            return self.infos[expert_of(self.hparams, name)[0]]
+        return self.infos[name]
+
+    def nbytes_of(self, name: str) -> int:
+        """Bytes of ``name``'s data in the file (an expert: its share of the stacked tensor)."""
+        if self.layout.get(name) == "stacked":
+            return self.info_of(name).nbytes // self.hparams.n_expert
+        return self.infos[name].nbytes
 
 
 def read_gguf(path: str | Path) -> GGUFModel:

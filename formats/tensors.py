@@ -35,25 +35,32 @@ class TensorSource(Protocol):
 
 
 def canonical_names(hp: HParams) -> list[str]:
-    """Canonical names of every tensor of a model, in family order."""
+    """Canonical names of every tensor of a model, in family order (each expert of a layer its own name)."""
     out = [t.gguf for t in hp.spec.global_tensors()]
     for i in range(hp.n_layers):
-        out.extend(t.gguf.format(i=i) for t in hp.spec.layer_tensors())
+        out.extend(hp.spec.layer_names(hp, i))
     return out
 
 
 def canonical_shape(hp: HParams, name: str) -> tuple[int, ...]:
-    for t in hp.spec.tensors:
-        if t.per_layer:
-            if name.startswith("blk.") and name.split(".", 2)[2] == t.role:
-                return t.shape(hp)
-        elif t.gguf == name:
-            return t.shape(hp)
-    raise QdllmError(f"no tensor named {name!r} in a {hp.family} model")
+    found = hp.spec.spec_of(name)
+    if found is None:
+        raise QdllmError(f"no tensor named {name!r} in a {hp.family} model")
+    return found[0].shape(hp)
 
 
 def is_linear(hp: HParams, name: str) -> bool:
-    return name.startswith("blk.") and name.split(".", 2)[2] in hp.spec.linear_roles()
+    found = hp.spec.spec_of(name) if name.startswith("blk.") else None
+    return found is not None and found[0].linear
+
+
+def expert_of(hp: HParams, name: str) -> tuple[str, int] | None:
+    """(llama.cpp's stacked tensor name, expert index) of an expert's canonical name, else None."""
+    found = hp.spec.spec_of(name) if name.startswith("blk.") else None
+    if found is None or not found[0].per_expert:
+        return None
+    spec, i, x = found
+    return spec.stacked.format(i=i), int(x)
 
 
 def fetch_checked(source: TensorSource, name: str, where: str | Path, stored_ok: tuple[str, ...] = ()) -> Tensor:
@@ -100,8 +107,7 @@ class HFTensors:
         self.family, self.hparams, self.config = read_config(self.folder)
         self.ckpt = Checkpoint(self.folder)
         self._hf_name: dict[str, str] = {}
-        for hf, (spec, i, shape) in self.family.expected(self.hparams).items():
-            name = spec.gguf.format(i=i)
+        for hf, (spec, i, shape, name) in self.family.expected_named(self.hparams).items():
             if hf not in self.ckpt:
                 raise QdllmError(
                     f"{self.folder}: tensor {hf!r} is missing from the checkpoint; the config says "
@@ -135,8 +141,7 @@ class HFTensors:
         return sum(int(np.prod(self.ckpt.shape(h))) for h in self._hf_name.values())
 
     def layer_names(self, i: int) -> Iterator[str]:
-        prefix = f"blk.{i}."
-        return (n for n in self.names() if n.startswith(prefix))
+        return iter(self.family.layer_names(self.hparams, i))
 
 
 class OverlaySource:

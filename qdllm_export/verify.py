@@ -223,7 +223,7 @@ def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_
         rb, ref_name = reference_for(ref, b)
         if ref_name not in cache:
             cache[ref_name] = ([rb.logits(x) for x in inputs],
-                               {name: sample(rb, prompt, {**opts_base, **o})[0] for name, o in algorithms(hp.family)})
+                               {name: sample(rb, prompt, {**opts_base, **o})[0] for name, o in algorithms(hp.spec.sampler_kind)})
         ref_logits, ref_gen = cache[ref_name]
         tol, agree, tokens, note = tolerance_for(b, rtol, min_agree)
         rep = FileReport(b.source, type(b).__name__.replace("Backend", "").lower(), reference=ref_name, rtol=tol,
@@ -234,7 +234,7 @@ def verify_files(ref: Backend, others: list[Backend], *, ratios: list[float], n_
             diff = np.abs(lb.astype(np.float64) - lr)
             rep.logits.append(LogitCheck(r, float(diff.max()), float(diff.max() / np.abs(lr).max()),
                                          float((lb.argmax(-1) == lr.argmax(-1)).mean())))
-        for name, o in algorithms(hp.family):
+        for name, o in algorithms(hp.spec.sampler_kind):
             toks = sample(b, prompt, {**opts_base, **o})[0]
             same = np.array_equal(toks, ref_gen[name])
             first = None if same else int(np.nonzero(toks != ref_gen[name])[0][0])

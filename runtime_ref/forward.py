@@ -12,7 +12,8 @@ The RoPE kind defaults to the source's ``rope`` attribute ("neox" when it has no
 RoPE on q and k; bidirectional softmax attention with scale ``1/sqrt(head_dim)`` (GQA: query head
 ``h`` reads key/value head ``h // (n_heads / n_kv_heads)``), optional key padding mask;
 ``x += attn_output(att)``; ``h = rms_norm(x) * ffn_norm``; ``x += ffn_down(silu(ffn_gate(h)) * ffn_up(h))``;
-finally ``logits = output(rms_norm(x) * output_norm)``. Weights are fetched one at a time while their
+finally ``logits = output(rms_norm(x) * output_norm)``. ``llada-moe`` adds a per-head RMSNorm of q and k
+(``attn_q_norm`` / ``attn_k_norm``) before RoPE, and its feed-forward is a mixture of experts (``moe``). Weights are fetched one at a time while their
 layer runs (a quantized weight is dequantized for its one matmul), so a model is never whole in float.
 """
 
@@ -101,8 +102,11 @@ def block(source: Any, i: int, x: np.ndarray, rope: str, cos: np.ndarray, sin: n
     q, k, v = (linear(source, p + f"attn_{c}.weight", h) for c in "qkv")
     if hp.spec.qkv_bias:
         q, k, v = (y + _f32(source, p + f"attn_{c}.bias") for y, c in zip((q, k, v), "qkv"))
-    q = apply_rope(q.reshape(b, t, nh, hd).transpose(0, 2, 1, 3), cos, sin, rope)
-    k = apply_rope(k.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3), cos, sin, rope)
+    q, k = q.reshape(b, t, nh, hd).transpose(0, 2, 1, 3), k.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
+    if hp.spec.qk_norm:
+        q = rms_norm(q, _f32(source, p + "attn_q_norm.weight"), hp.norm_eps)
+        k = rms_norm(k, _f32(source, p + "attn_k_norm.weight"), hp.norm_eps)
+    q, k = apply_rope(q, cos, sin, rope), apply_rope(k, cos, sin, rope)
     v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
     if nh != nkv:
         k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
@@ -115,8 +119,39 @@ def block(source: Any, i: int, x: np.ndarray, rope: str, cos: np.ndarray, sin: n
     att = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, nh * hd)
     x = x + linear(source, p + "attn_output.weight", att)
     h = rms_norm(x, _f32(source, p + "ffn_norm.weight"), hp.norm_eps)
+    if hp.n_expert:
+        return x + moe(source, i, h)
     ff = silu(linear(source, p + "ffn_gate.weight", h)) * linear(source, p + "ffn_up.weight", h)
     return x + linear(source, p + "ffn_down.weight", ff)
+
+
+def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weights ``[T, k]`` float32, expert ids ``[T, k]``) of router ``logits [T, E]``: softmax over all experts,
+    the ``k`` largest probabilities (ties: lowest id), not renormalised (llama.cpp's llada-moe)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    idx = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(p, idx, axis=-1).astype(np.float32), idx
+
+
+def moe(source: Any, i: int, h: np.ndarray, counts: list | None = None) -> np.ndarray:
+    """The mixture-of-experts feed-forward of layer ``i`` on ``h [B, T, d]``: each expert runs on its routed
+    tokens only, ``sum_j w_j * down_j(silu(gate_j(h)) * up_j(h))``. ``counts``: if a list, the tokens routed to
+    each expert are appended to it (an int array ``[n_expert]``)."""
+    hp = source.hparams
+    p = f"blk.{i}."
+    x = h.reshape(-1, h.shape[-1])
+    w, idx = route(linear(source, p + "ffn_gate_inp.weight", x), hp.n_expert_used)
+    out = np.zeros_like(x)
+    if counts is not None:
+        counts.append(np.bincount(idx.reshape(-1), minlength=hp.n_expert))
+    for e in np.unique(idx).tolist():
+        rows, slot = np.nonzero(idx == e)
+        xr = x[rows]
+        ff = silu(linear(source, p + f"ffn_gate_exps.{e}.weight", xr)) * linear(source, p + f"ffn_up_exps.{e}.weight", xr)
+        out[rows] += linear(source, p + f"ffn_down_exps.{e}.weight", ff) * w[rows, slot, None]  # rows are distinct
+    return out.reshape(h.shape)
 
 
 def head(source: Any, x: np.ndarray) -> np.ndarray:

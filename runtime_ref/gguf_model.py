@@ -103,9 +103,9 @@ class GGUFBackend:
         for name, kind in m.layout.items():
             shape = canonical_shape(hp, name)
             n = int(np.prod(shape))
-            if kind == "float":
-                types[name] = infos[name].ggml_type
-                nbytes = infos[name].nbytes
+            if kind in ("float", "stacked"):
+                types[name] = m.info_of(name).ggml_type
+                nbytes = m.nbytes_of(name)
                 if is_linear(hp, name) and types[name] not in ("F32", "F16", "BF16"):  # a stock ggml type
                     q_bytes += nbytes
                     q_weights += n

@@ -74,7 +74,7 @@ def sample(backend: Backend, prompt: np.ndarray, opts: Mapping[str, Any], progre
     steps = int(opts.get("steps") or gen)
     common = dict(mask_id=hp.mask_token_id, steps=steps, temperature=float(opts.get("temperature") or 0.0),
                   seed=int(opts.get("seed") or 0), progress=progress)
-    if hp.family == "llada":
+    if hp.spec.sampler_kind == "llada":
         out = llada_generate(fn, prompt, gen_length=gen, block_length=int(opts.get("block_length") or gen),
                              cfg_scale=float(opts.get("cfg_scale") or 0.0),
                              remasking=opts.get("remasking") or "low_confidence", **common)

@@ -32,6 +32,16 @@ def tiny_hparams(family: str, *, d_model: int = 128, n_layers: int = 2, n_heads:
     )
 
 
+def moe_hparams(*, d_model: int = 128, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 4, n_expert: int = 4,
+                n_expert_used: int = 2, d_ff_exp: int = 128, n_vocab: int = 300) -> HParams:
+    """A tiny LLaDA-MoE (``llada-moe``): ``n_expert`` SwiGLU experts of ``d_ff_exp``, ``n_expert_used`` per token."""
+    return HParams(
+        family="llada-moe", n_vocab=n_vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        d_ff=d_ff_exp * n_expert_used, rope_theta=50000.0, norm_eps=1e-5, mask_token_id=n_vocab - 1,
+        context_length=512, n_expert=n_expert, n_expert_used=n_expert_used, d_ff_exp=d_ff_exp,
+    )
+
+
 def random_weights(hp: HParams, seed: int = 0) -> dict[str, np.ndarray]:
     """HF-named float32 weights: N(0, 0.02) linears (biases N(0, 0.02)), norms near 1."""
     rng = np.random.default_rng(seed)
@@ -40,7 +50,7 @@ def random_weights(hp: HParams, seed: int = 0) -> dict[str, np.ndarray]:
         if spec.role.endswith("norm.weight"):
             out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
-            scale = 0.5 if spec.role == "token_embd.weight" else 0.06
+            scale = {"token_embd.weight": 0.5, "ffn_gate_inp.weight": 0.5}.get(spec.role, 0.06)  # a router that chooses
             out[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
     return out
 
@@ -80,4 +90,4 @@ def make_checkpoint(folder: str | Path, family: str, *, hp: HParams | None = Non
     return folder, hp, w
 
 
-__all__ = ["FAMILIES", "tiny_hparams", "random_weights", "make_checkpoint", "TEXT"]
+__all__ = ["FAMILIES", "tiny_hparams", "moe_hparams", "random_weights", "make_checkpoint", "TEXT"]

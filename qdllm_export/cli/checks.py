@@ -111,11 +111,11 @@ def not_both(a: str, a_value: Any, b: str, b_value: Any) -> None:
 
 def family_options(hp: HParams, source: str, given: Mapping[str, Any]) -> None:
     """Refuse sampler options of the other family. ``given``: flag -> value (None: not given)."""
-    other = DREAM_ONLY if hp.family == "llada" else LLADA_ONLY
+    other = DREAM_ONLY if hp.spec.sampler_kind == "llada" else LLADA_ONLY
     wrong = [f for f in other if given.get(f) is not None]
     if wrong:
-        fam, its = ("LLaDA", "Dream") if hp.family == "llada" else ("Dream", "LLaDA")
-        own = LLADA_ONLY if hp.family == "llada" else DREAM_ONLY
+        fam, its = ("LLaDA", "Dream") if hp.spec.sampler_kind == "llada" else ("Dream", "LLaDA")
+        own = LLADA_ONLY if hp.spec.sampler_kind == "llada" else DREAM_ONLY
         raise QdllmError(f"{', '.join(wrong)}: {'is a' if len(wrong) == 1 else 'are'} {its} option"
                          f"{'' if len(wrong) == 1 else 's'}, but {source} is a {fam} model (its options: {', '.join(own)})")
 

@@ -51,7 +51,7 @@ def generate(
     n = ids.shape[1]
     checks.fits_context(hp, head.model, "--gen-length", n + gen_length,
                         f"the prompt ({n} token{'s' * (n != 1)}) + {gen_length} new tokens", most=hp.context_length - n)
-    if hp.family == "llada":
+    if hp.spec.sampler_kind == "llada":
         block_length, steps = checks.llada_blocks(gen_length, block_length, steps)
     opts = dict(gen_length=gen_length, steps=steps or gen_length, block_length=block_length, temperature=temperature,
                 remasking=remasking or "low_confidence", cfg_scale=cfg_scale or 0.0, alg=alg or "entropy",

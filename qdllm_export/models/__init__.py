@@ -28,7 +28,7 @@ SEQUENTIAL_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gat
 
 
 def family_module(hp: HParams) -> ModuleType:
-    return importlib.import_module(f"qdllm_export.models.{hp.family}")
+    return importlib.import_module(f"qdllm_export.models.{hp.family.replace('-', '_')}")
 
 
 def torch_dtype(name: str) -> torch.dtype:

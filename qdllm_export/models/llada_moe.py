@@ -1,0 +1,148 @@
+"""LLaDA-MoE (``LLaDAMoEModelLM``), as the published modeling_lladamoe.py computes it.
+
+Parameter names mirror the checkpoint (``model.layers.N.self_attn.q_proj.weight``,
+``model.layers.N.mlp.gate.weight``, ``model.layers.N.mlp.experts.X.gate_proj.weight``, ``lm_head.weight``).
+Bidirectional attention without biases; q and k get a per-head RMSNorm (weight ``[head_dim]``) before
+rotate-half RoPE; the feed-forward is a mixture of SwiGLU experts: router logits ``gate(h) [T, E]``,
+``p = softmax(logits)`` in fp32, the ``k`` largest ``p`` pick the experts (ties: lowest index), and the output
+is ``sum_j p_j * expert_j(h)`` with the weights **not** renormalised (``norm_topk_prob = False``). No logit shift.
+
+Each expert is an ``nn.Linear`` triple called only on the tokens routed to it, so a forward hook on an expert
+sees exactly its routed inputs (the pipeline's per-expert Hessians) and an expert no token reaches is not called.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from formats.families import HParams
+from qdllm_export.models.layers import RMSNorm, apply_rope, attention, merge_heads, rope_tables, split_heads
+
+EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+class LLaDAMoEAttention(nn.Module):
+    def __init__(self, hp: HParams):
+        super().__init__()
+        d, hd = hp.d_model, hp.head_dim
+        self.n_heads, self.n_kv_heads = hp.n_heads, hp.n_kv_heads
+        self.q_proj = nn.Linear(d, hp.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, hp.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, hp.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(hp.n_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, hp.norm_eps)
+        self.k_norm = RMSNorm(hd, hp.norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        q = apply_rope(self.q_norm(split_heads(self.q_proj(h), self.n_heads)), cos, sin)
+        k = apply_rope(self.k_norm(split_heads(self.k_proj(h), self.n_kv_heads)), cos, sin)
+        v = split_heads(self.v_proj(h), self.n_kv_heads)
+        return self.o_proj(merge_heads(attention(q, k, v, key_mask)))
+
+
+class LLaDAMoEExpert(nn.Module):
+    """One expert: ``down(silu(gate(x)) * up(x))`` on its routed tokens ``x [n, d]``."""
+
+    def __init__(self, d: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, d_ff, bias=False)
+        self.up_proj = nn.Linear(d, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights ``[T, k]`` float32, expert ids ``[T, k]`` long) of router ``logits [T, E]``: softmax in fp32, the
+    ``k`` largest probabilities, not renormalised. Ties go to the lowest expert id (a stable sort)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    idx = torch.sort(p, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(p, 1, idx), idx
+
+
+class LLaDAMoESparseMoeBlock(nn.Module):
+    def __init__(self, hp: HParams):
+        super().__init__()
+        self.top_k = hp.n_expert_used
+        self.gate = nn.Linear(hp.d_model, hp.n_expert, bias=False)
+        self.experts = nn.ModuleList(LLaDAMoEExpert(hp.d_model, hp.d_ff_exp) for _ in range(hp.n_expert))
+        self.last_counts: torch.Tensor | None = None  # tokens routed to each expert by the last forward
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        w, idx = route(self.gate(x), self.top_k)
+        out = torch.zeros_like(x)
+        counts = torch.bincount(idx.reshape(-1), minlength=len(self.experts))
+        self.last_counts = counts
+        for e in torch.nonzero(counts).reshape(-1).tolist():
+            rows, slot = torch.nonzero(idx == e, as_tuple=True)
+            y = self.experts[e](x[rows])
+            out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+        return out.reshape(shape)
+
+
+class LLaDAMoEDecoderLayer(nn.Module):
+    def __init__(self, hp: HParams):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hp.d_model, hp.norm_eps)
+        self.self_attn = LLaDAMoEAttention(hp)
+        self.post_attention_layernorm = RMSNorm(hp.d_model, hp.norm_eps)
+        self.mlp = LLaDAMoESparseMoeBlock(hp)
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """Canonical role -> module, in the order their inputs become available; an expert's role is
+        ``ffn_gate_exps.X`` (its canonical name ``blk.N.ffn_gate_exps.X.weight``). The router is not a linear
+        to quantize."""
+        a = self.self_attn
+        out: dict[str, nn.Linear] = {"attn_q": a.q_proj, "attn_k": a.k_proj, "attn_v": a.v_proj, "attn_output": a.o_proj}
+        for role, attr in zip(EXPERT_ROLES, ("gate_proj", "up_proj", "down_proj")):
+            for x, e in enumerate(self.mlp.experts):
+                out[f"{role}.{x}"] = getattr(e, attr)
+        return out
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaDAMoEModel(nn.Module):
+    def __init__(self, hp: HParams):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hp.n_vocab, hp.d_model)
+        self.layers = nn.ModuleList(LLaDAMoEDecoderLayer(hp) for _ in range(hp.n_layers))
+        self.norm = RMSNorm(hp.d_model, hp.norm_eps)
+
+
+class LLaDAMoEModelLM(nn.Module):
+    """``forward(ids [B, T] long) -> logits [B, T, V]``; row i scores token i."""
+
+    def __init__(self, hp: HParams):
+        super().__init__()
+        self.hp = hp
+        self.model = LLaDAMoEModel(hp)
+        self.lm_head = nn.Linear(hp.d_model, hp.n_vocab, bias=False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x))
+
+    def forward(self, ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(ids)
+        cos, sin = rope_tables(ids.shape[1], self.hp.head_dim, self.hp.rope_theta, ids.device)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, key_mask)
+        return self.head(x)
+
+
+Block = LLaDAMoEDecoderLayer
+Model = LLaDAMoEModelLM
