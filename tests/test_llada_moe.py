@@ -179,3 +179,70 @@ def test_cli_verify_inspect_generate_eval_f16(tmp_path, moe_ckpt, cli):
     data.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 6)
     code, stdout, err = cli("eval", out, "--data", data, "--json")
     assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------ quantization
+def _starved_checkpoint(tmp_path, d: int, seed: int = 3):
+    """A one-layer mixture (4 experts of ``d``, 2 used) whose router never picks expert 3: its Hessian sees no
+    calibration token."""
+    from formats.safetensors_io import write_checkpoint
+
+    folder, hp, w = make_checkpoint(tmp_path / f"starved{d}", "llada-moe",
+                                    hp=moe_hparams(d_model=d, d_ff_exp=d, n_layers=1), seed=seed)
+    w["model.layers.0.mlp.gate.weight"][3] = -w["model.layers.0.mlp.gate.weight"][:3].sum(0) * 50  # never in the top 2
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    write_checkpoint(folder, w, 1)
+    return folder
+
+
+def test_planes_quantize_per_expert_hessians_and_gguf_parity(tmp_path):
+    """quantize (GPTQ planes) a mixture with an expert no calibration token reaches: every expert is quantized
+    (finite, its own fit), the checkpoint's planes GGUF reproduces the PyTorch model of the stored values."""
+    from qdllm_export.calib import CalibConfig
+    from qdllm_export.models import load_model
+    from qdllm_export.pipeline import quantize_checkpoint
+    from qdllm_export.quant import QuantConfig
+    from formats.checkpoint import QuantizedCheckpoint
+
+    folder = _starved_checkpoint(tmp_path, 128)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 20)
+    res, rec = quantize_checkpoint(folder, tmp_path / "q", QuantConfig(method="gptq", bits=2),
+                                   CalibConfig(path=str(calib), n_samples=4, seq_len=32))
+    names = {r.name for r in res.layers}
+    assert {f"blk.0.ffn_{p}_exps.{x}.weight" for p in ("gate", "up", "down") for x in range(4)} <= names
+    assert all(np.isfinite(r.rel_weight_error) and r.rel_weight_error < 1.0 for r in res.layers)
+    q = QuantizedCheckpoint(tmp_path / "q")
+    path = write_gguf(tmp_path / "q.gguf", q, tokenizer=load_tokenizer(folder), outtype="planes")
+    assert read_gguf(path).tensor_types()["blk.0.ffn_up_exps.3.weight"] == "planes"
+    ids = _ids(q.hparams, 32)
+    with torch.no_grad():
+        ref = load_model(q)(torch.from_numpy(ids)).numpy()
+    ours = forward(read_gguf(path).tensors, ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_q2_k_file_stacks_one_type_and_runs_in_llama_cpp(tmp_path, cli):
+    """gguf --outtype q2_k of a float mixture: the experts of a layer are one 3-D Q2_K tensor llama.cpp runs."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    from tests.test_llamacpp import compare, llama_logits
+
+    folder = _starved_checkpoint(tmp_path, 256)
+    out = tmp_path / "q2k.gguf"
+    code, _, err = cli("gguf", folder, out, "--outtype", "q2_k", "--calib-samples", "4", "--seq-len", "32")
+    assert code == 0, err
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.0.ffn_down_exps.weight"] == "Q2_K"
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    m = read_gguf(out)
+    ids = _ids(m.hparams, 48)[0]
+    ours = forward(m.tensors, ids[None])[0]
+    theirs, _ = llama_logits(out, ids)
+    agree, err = compare(theirs, ours)
+    print(f"llada-moe q2_k: llama.cpp vs NumPy argmax agreement {agree:.4f}, max|diff|/max|logit| {err:.2e}")
+    from qdllm_export.verify import LLAMACPP_MIN_AGREE, LLAMACPP_RTOL  # llama.cpp rounds activations to 8 bits
+
+    assert agree >= LLAMACPP_MIN_AGREE and err <= LLAMACPP_RTOL

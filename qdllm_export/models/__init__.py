@@ -104,8 +104,17 @@ def save_checkpoint(model: torch.nn.Module, hp: HParams, folder: str | Path, *, 
         (folder / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
 
 
+# An expert's linears (role ``ffn_gate_exps.X`` etc.): its gate and up read its routed tokens, its down their product.
+EXPERT_GROUPS = (("ffn_gate_exps", "ffn_up_exps"), ("ffn_down_exps",))
+
+
 def sequential_groups(roles: list[str]) -> list[list[str]]:
-    """``roles`` split into the true-sequential groups, in order (unknown roles last, together)."""
+    """``roles`` split into the true-sequential groups, in order (unknown roles last, together). The linears of
+    one group read one input (one Hessian): each expert's gate + up is a group of its own, then each expert's
+    down, so the pipeline's stacked fits and shared Hessians never mix two experts' routed tokens."""
     groups = [[r for r in g if r in roles] for g in SEQUENTIAL_GROUPS]
+    experts = sorted({int(r.split(".")[1]) for r in roles if r.split(".")[0] in sum(EXPERT_GROUPS, ())})
+    for eg in EXPERT_GROUPS:
+        groups += [[f"{base}.{x}" for base in eg if f"{base}.{x}" in roles] for x in experts]
     rest = [r for r in roles if not any(r in g for g in groups)]
     return [g for g in groups if g] + ([rest] if rest else [])
