@@ -246,3 +246,61 @@ def test_q2_k_file_stacks_one_type_and_runs_in_llama_cpp(tmp_path, cli):
     from qdllm_export.verify import LLAMACPP_MIN_AGREE, LLAMACPP_RTOL  # llama.cpp rounds activations to 8 bits
 
     assert agree >= LLAMACPP_MIN_AGREE and err <= LLAMACPP_RTOL
+
+
+def test_calibration_fill_of_a_starved_expert(tmp_path, monkeypatch):
+    """The pipeline's block (``Block``) gives a starved expert the layer's tokens at the missing share's weight,
+    for its Hessian only: outputs equal the plain layer's; its H is ``sum_routed x x^T + (m / N) sum_all x x^T``
+    (m = fair share - routed). FILL_SHARE 1 here: every expert under its fair share is filled."""
+    from qdllm_export.models import family_module, llada_moe
+    from qdllm_export.models.layers import rope_tables
+    from qdllm_export.models.llada_moe import LLaDAMoEDecoderLayer
+    from qdllm_export.quant import HessianAccumulator
+
+    folder = _starved_checkpoint(tmp_path, 128)
+    src = HFTensors(folder)
+    hp = src.hparams
+    hf = hp.spec.hf_names(hp)
+    layers = [family_module(hp).Block(hp), LLaDAMoEDecoderLayer(hp)]
+    for layer in layers:
+        params = dict(layer.named_parameters())
+        for name in src.layer_names(0):
+            with torch.no_grad():
+                params[hf[name][len("model.layers.0."):]].copy_(torch.from_numpy(src.get(name)))
+    monkeypatch.setattr(llada_moe, "FILL_SHARE", 1.0)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, hp.d_model)).astype(np.float32))
+    c, s = rope_tables(16, hp.head_dim, hp.rope_theta)
+    accs = [HessianAccumulator(hp.d_model) for _ in range(hp.n_expert)]
+    hooks = [e.gate_proj.register_forward_hook(lambda m, inp, out, a=a: a.add_batch(inp[0]))
+             for e, a in zip(layers[0].mlp.experts, accs)]
+    with torch.no_grad():
+        y_cal, y = layers[0](x, c, s), layers[1](x, c, s)
+        h = layers[1].post_attention_layernorm(x + layers[1].self_attn(layers[1].input_layernorm(x), c, s, None))
+        idx = llada_moe.route(layers[1].mlp.gate(h.reshape(-1, hp.d_model)), hp.n_expert_used)[1]
+    for k in hooks:
+        k.remove()
+    assert torch.equal(y_cal, y)
+    h = h.reshape(-1, hp.d_model).double()
+    n = h.shape[0]
+    fair = n * hp.n_expert_used / hp.n_expert
+    counts = layers[0].mlp.last_counts.tolist()
+    assert layers[0].mlp.filled == [e for e, k in enumerate(counts) if k < fair] and layers[0].mlp.filled
+    for e in range(hp.n_expert):
+        routed = h[(idx == e).any(-1)]
+        want = routed.T @ routed
+        if e in layers[0].mlp.filled:
+            want = want + (fair - counts[e]) / n * h.T @ h
+        n_vec = len(routed) + (n if e in layers[0].mlp.filled else 0)
+        assert accs[e].count == n_vec
+        assert torch.allclose(accs[e].H.double(), 2.0 / n_vec * want, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_gives_a_layers_experts_one_type():
+    from qdllm_export.targets.mix import Sensitivity, allocate
+
+    names = ["blk.0.ffn_up_exps.0.weight", "blk.0.ffn_up_exps.1.weight", "blk.0.attn_q.weight"]
+    sens = Sensitivity(errors=dict(zip(names, ({"a": 1.0, "b": 0.1}, {"a": 5.0, "b": 0.2}, {"a": 2.0, "b": 0.5}))),
+                       bits={n: {"a": 2.0, "b": 4.0} for n in names}, sizes={n: 100 for n in names})
+    # per tensor, expert 1 alone would be upgraded first (gain 4.8 / 200); as one unit both experts move together
+    assert allocate(sens, 3.4) == {names[0]: "b", names[1]: "b", names[2]: "a"}
+    assert allocate(sens, 2.0) == dict.fromkeys(names, "a")

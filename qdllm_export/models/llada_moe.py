@@ -63,13 +63,23 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.gather(p, 1, idx), idx
 
 
+# Calibration fill (``CalibrationLayer``, the block the quantization pipeline builds): an expert that receives fewer
+# than FILL_SHARE of its fair share ``N * k / E`` of a batch's N tokens also sees all N tokens, scaled so that together
+# they weigh as the missing tokens: its Hessian ``sum_routed x x^T + (m / N) sum_all x x^T`` (m = fair share - routed)
+# is damped toward the layer's pooled one instead of resting on a handful of tokens (or none: an all-zero H).
+# Outputs are unchanged: the fill runs the expert's linears for their forward hooks only and is discarded.
+FILL_SHARE = 0.25
+
+
 class LLaDAMoESparseMoeBlock(nn.Module):
-    def __init__(self, hp: HParams):
+    def __init__(self, hp: HParams, fill: bool = False):
         super().__init__()
         self.top_k = hp.n_expert_used
         self.gate = nn.Linear(hp.d_model, hp.n_expert, bias=False)
         self.experts = nn.ModuleList(LLaDAMoEExpert(hp.d_model, hp.d_ff_exp) for _ in range(hp.n_expert))
+        self.fill = fill
         self.last_counts: torch.Tensor | None = None  # tokens routed to each expert by the last forward
+        self.filled: list[int] = []  # experts the last forward filled (calibration)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
@@ -82,7 +92,20 @@ class LLaDAMoESparseMoeBlock(nn.Module):
             rows, slot = torch.nonzero(idx == e, as_tuple=True)
             y = self.experts[e](x[rows])
             out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+        if self.fill:
+            self._fill(x, counts)
         return out.reshape(shape)
+
+    @torch.no_grad()
+    def _fill(self, x: torch.Tensor, counts: torch.Tensor) -> None:
+        n = x.shape[0]
+        fair = n * self.top_k / len(self.experts)
+        self.filled = [e for e, c in enumerate(counts.tolist()) if c < FILL_SHARE * fair]
+        for e in self.filled:
+            s = ((fair - int(counts[e])) / n) ** 0.5
+            ex = self.experts[e]
+            g, u = ex.gate_proj(x * s), ex.up_proj(x * s)  # the hooks see the scaled tokens; g = s * gate(x)
+            ex.down_proj(F.silu(g / s) * u)  # = s * silu(gate(x)) * up(x): the down's input, scaled alike
 
 
 class LLaDAMoEDecoderLayer(nn.Module):
@@ -107,6 +130,15 @@ class LLaDAMoEDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CalibrationLayer(LLaDAMoEDecoderLayer):
+    """The layer the quantization pipeline builds (``Block``): same outputs, plus the calibration fill of starved
+    experts (``FILL_SHARE``); ``mlp.filled`` names the experts the last forward filled."""
+
+    def __init__(self, hp: HParams):
+        super().__init__(hp)
+        self.mlp.fill = True
 
 
 class LLaDAMoEModel(nn.Module):
@@ -144,5 +176,5 @@ class LLaDAMoEModelLM(nn.Module):
         return self.head(x)
 
 
-Block = LLaDAMoEDecoderLayer
+Block = CalibrationLayer
 Model = LLaDAMoEModelLM

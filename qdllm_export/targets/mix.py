@@ -19,6 +19,7 @@ check this choice (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -115,11 +116,33 @@ def _hull(points: list[tuple[float, float, str]]) -> list[tuple[float, float, st
     return best
 
 
+_EXPERT = re.compile(r"^(blk\.\d+\.\w+_exps)\.\d+(\.weight)$")  # formats.families' per-expert canonical names
+
+
+def stacked_units(names) -> dict[str, list[str]]:
+    """Unit -> tensor names: one unit per name, except a layer's experts of one role (``blk.N.ffn_up_exps.X.weight``),
+    which llama.cpp stores as one 3-D tensor of one type (unit ``blk.N.ffn_up_exps.weight``)."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        m = _EXPERT.match(n)
+        out.setdefault(m.group(1) + m.group(2) if m else n, []).append(n)
+    return out
+
+
 def allocate(sens: Sensitivity, budget: float) -> dict[str, str]:
-    """Candidate per tensor with mean bits per weight ``<= budget`` and least summed error.
+    """Candidate per tensor with mean bits per weight ``<= budget`` and least summed error. A layer's experts of
+    one role are one unit (their errors and sizes summed; ``stacked_units``): they get one type.
 
     Raises ``QdllmError`` naming the reachable range when even the cheapest mix is over the budget.
     """
+    units = stacked_units(sens.sizes)
+    if any(len(v) > 1 for v in units.values()):
+        pooled = Sensitivity(
+            errors={u: {c: sum(sens.errors[n][c] for n in ns) for c in sens.errors[ns[0]]} for u, ns in units.items()},
+            bits={u: dict(sens.bits[ns[0]]) for u, ns in units.items()},
+            sizes={u: sum(sens.sizes[n] for n in ns) for u, ns in units.items()})
+        choice = allocate(pooled, budget)
+        return {n: choice[u] for u, ns in units.items() for n in ns}
     lo, hi = sens.reachable()
     if budget < lo - 1e-9:
         raise QdllmError(f"--bpw {budget:g} cannot be met: the cheapest mix of these types spends {lo:.3f} bits per "
