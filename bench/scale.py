@@ -107,7 +107,8 @@ P._load_block = _timed
 from qdllm_export.cli import main
 t0 = time.time()
 src, dst, device, n, L = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
-sys.argv = ["qdllm-export", "gguf", src, dst, "--device", device, "--calib-samples", n, "--seq-len", L, "--force"] + sys.argv[7].split()
+verb = sys.argv[8] if len(sys.argv) > 8 else "gguf"
+sys.argv = ["qdllm-export", verb, src, dst, "--device", device, "--calib-samples", n, "--seq-len", L, "--force"] + sys.argv[7].split()
 t0 = time.time()
 code = 0
 try:
@@ -195,6 +196,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--layers", type=int, help="Blocks in the checkpoint (default: the shape's own); results are extrapolated.")
     ap.add_argument("--gguf", help="Run `qdllm-export gguf` with these arguments (e.g. \"--outtype q2_k\").")
+    ap.add_argument("--verb", default="gguf", choices=["gguf", "onnx", "quantize"],
+                    help="With --gguf ARGS: the CLI verb to run (onnx: a .onnx file, quantize: a quantized checkpoint).")
+    ap.add_argument("--reuse", action="store_true", help="Use the checkpoint already in WORKDIR/ckpt if it is complete.")
     a = ap.parse_args()
     if a.doc:
         write_doc(a.doc)
@@ -209,22 +213,30 @@ def main() -> None:
     hp = HParams(family="llada", rope_theta=500000.0, norm_eps=1e-5, mask_token_id=mask, context_length=4096, **shape)
     ckpt = a.workdir / "ckpt"
     t0 = time.time()
-    size = write_random_checkpoint(ckpt, hp, "cuda" if a.device.startswith("cuda") else "cpu")
+    index = ckpt / "model.safetensors.index.json"
+    if a.reuse and index.exists():
+        size = json.loads(index.read_text())["metadata"]["total_size"]
+    else:
+        size = write_random_checkpoint(ckpt, hp, "cuda" if a.device.startswith("cuda") else "cpu")
     t_write = time.time() - t0
     print(f"wrote {size / 2**30:.2f} GiB checkpoint in {t_write:.0f} s", flush=True)
-    dst = a.workdir / ("model.gguf" if a.gguf else "quantized")
+    dst = a.workdir / ({"gguf": "model.gguf", "onnx": "model.onnx", "quantize": "quantized"}[a.verb] if a.gguf else "quantized")
     child = [CHILD_GGUF] if a.gguf else [CHILD]
     proc = subprocess.run([sys.executable, "-c", *child, str(ROOT), str(ckpt), str(dst), a.device,
-                           str(a.samples), str(a.seq_len)] + ([a.gguf] if a.gguf else []),
+                           str(a.samples), str(a.seq_len)] + ([a.gguf, a.verb] if a.gguf else []),
                           capture_output=False, text=True, stdout=subprocess.PIPE)
     print(proc.stdout[-4000:])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not line:
         sys.exit(f"quantization failed with exit code {proc.returncode}")
     res = json.loads(line[-1][7:])
-    if a.gguf:
+    if a.gguf and a.verb == "gguf" and shape["n_layers"] < full_layers:
         res.update(gguf_args=a.gguf, layers=shape["n_layers"], full_layers=full_layers,
                    **extrapolate(res, shape["n_layers"], full_layers, dst))
+    elif a.gguf:  # a whole run: every block's time from the marks (one per block and streaming pass)
+        m = res["marks"]
+        res.update(verb=a.verb, args=a.gguf, layers=shape["n_layers"], full_layers=full_layers,
+                   block_seconds_all=[b - x for x, b in zip(m, m[1:])])
     n_params = sum(int(np.prod(s)) for _, _, s in LLADA.expected(hp).values())
     res.update(shape=a.shape, device=a.device, machine=machine(), n_params=n_params, checkpoint_gb=size / 2**30,
                calibration=f"{a.samples} x {a.seq_len} tokens", write_seconds=t_write)

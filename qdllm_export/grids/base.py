@@ -26,12 +26,14 @@ device-agnostic, vectorised over rows.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from formats.errors import QdllmError
+from qdllm_export.quant import graphs
 from qdllm_export.quant.hessian import inverse_hessian_factor
 from qdllm_export.grids.threads import on_free_cores
 from qdllm_export.timing import phase
@@ -264,6 +266,11 @@ def _round_block(grid: Grid, state: Any, Wb: torch.Tensor, Ubb: torch.Tensor | N
     if Ubb is None and cols is None and hasattr(grid, "round_plain"):
         grid.round_plain(state, W1)  # nothing to compensate: every column at once (rtn, importance)
         return W1
+    if Ubb is not None and grid.unit == 1 and hasattr(grid, "column_params"):
+        P = grid.column_params(state, cols)  # each position's parameters, gathered once
+        T, codes = graphs.run(("gptq-walk", grid.name), partial(_gptq_walk, grid.round_column), [Wb, Ubb, *P])
+        grid.record_codes(state, cols, codes)
+        return T
     B, u = Wb.shape[1], grid.unit
     idx = None if cols is None else cols.tolist()
     for c in range(0, B, u):
@@ -276,3 +283,24 @@ def _round_block(grid: Grid, state: Any, Wb: torch.Tensor, Ubb: torch.Tensor | N
                 err = torch.linalg.solve_triangular(Ubb[c : c + u, c : c + u], w - q, upper=True, left=False)
             W1[:, c + u :] -= err @ Ubb[c : c + u, c + u :]
     return W1
+
+
+def _gptq_walk(round_column: Any, Wb: torch.Tensor, Ubb: torch.Tensor, *P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ inside one block of a scalar grid (``unit`` 1), position by position: ``round_column(params, w)``
+    rounds column ``w [n, 1]`` under the position's parameters (``p[c]`` of each ``P [B, n]``) to ``(code [n],
+    value [n, 1])``. Returns the columns as they were when rounded ``[n, B]`` and the codes ``[B, n]``, in
+    position order: the same arithmetic, in the same order, as ``grid.round`` in :func:`_round_block`'s loop.
+    A pure function of its tensors (``graphs.run`` replays it as one CUDA graph)."""
+    W1 = Wb.clone()
+    B = W1.shape[1]
+    codes = None
+    for c in range(B):
+        w = W1[:, c : c + 1]
+        code, q = round_column(tuple(p[c] for p in P), w)
+        if codes is None:
+            codes = torch.empty((B, *code.shape), dtype=code.dtype, device=code.device)
+        codes[c] = code
+        if c + 1 < B:
+            err = (w - q) / Ubb[c, c]
+            W1[:, c + 1 :] -= err @ Ubb[c : c + 1, c + 1 :]
+    return W1, codes

@@ -173,6 +173,34 @@ class GGMLGrid:
         st.q[:, c] = idx
         return self.value(idx, dl, ml)[:, None]
 
+    def column_params(self, st: GGMLState, cols: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """``d*sc``, ``dmin*m`` and ``d*sc`` with ones for zeros ``[block, n]`` of each position of the GPTQ walk
+        (``cols`` long ``[block]``: the block's column at each position, None: positions are columns): what
+        ``round`` reads for that column (``grids.base._gptq_walk``)."""
+        dl, ml = self._dl_ml(st)
+        pos = torch.arange(self.block, device=dl.device) if cols is None else cols.to(dl.device)
+        sub = pos // self.spec.sub
+        return tuple(a.T[sub].contiguous() for a in (dl, ml, torch.where(dl == 0, 1.0, dl)))
+
+    def round_column(self, p: tuple[torch.Tensor, ...], w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``round``'s arithmetic on one column ``w [n, 1]`` under its parameters ``p`` (``column_params``'s rows):
+        the code ``[n]`` (float levels less the first for uniform types, long indices otherwise) and the value."""
+        dl, ml, safe = p
+        lev = self.spec.levels
+        if self.spec.uniform:
+            v = torch.round((w[:, 0] + ml) / safe).clamp_(lev[0], lev[-1])
+            return (v - lev[0] if lev[0] else v), (dl * v - ml)[:, None]
+        idx = self.nearest(w[:, 0], dl, ml, safe)
+        return idx, self.value(idx, dl, ml)[:, None]
+
+    def record_codes(self, st: GGMLState, cols: torch.Tensor | None, codes: torch.Tensor) -> None:
+        """The codes ``[block, n]`` of the GPTQ walk (position order) become the state's (``round`` records)."""
+        if cols is None:
+            st.q = codes.T.to(torch.uint8).contiguous()
+        else:
+            st.q[:, cols.to(st.q.device)] = codes.T.to(torch.uint8)
+        st.cols = None
+
     def round_plain(self, st: GGMLState, Wb: torch.Tensor) -> None:
         """Nothing to do: ``init`` ends with every code nearest to ``Wb`` under the final parameters (each
         parameter change in ``_descend`` comes with its re-rounded codes), which is what ``round`` would record."""
@@ -187,6 +215,8 @@ class GGMLGrid:
 
     def pack(self, states: list[GGMLState], shape: tuple[int, int], name: str) -> GGMLTensor:
         sp = self.spec
+        if sp.ggml_type == "Q2_K" and states and states[0].q.is_cuda:
+            return gt.from_blocks(_pack_q2_k_torch(states).cpu().numpy(), "Q2_K", name=name)
         lev = np.asarray(sp.levels, dtype=np.int64)
 
         def cat(f: str) -> np.ndarray:
@@ -346,6 +376,28 @@ class GGMLGrid:
             sc_r = alpha / dsafe
             for fs in (torch.floor, torch.ceil):
                 yield fs(sc_r).clamp(lo, hi), st.m
+
+
+def _pack_q2_k_torch(states: list[GGMLState]) -> torch.Tensor:
+    """``Q2_K`` blocks ``[n, nb, 84]`` uint8 of the blocks' states, on their device: the bytes
+    ``formats.ggml_tensor.pack_q2_k`` makes (16 scale bytes ``sc | m << 4``, 64 bytes of 2-bit codes with element
+    ``128h + 32s + l`` at bits ``2s`` of byte ``32h + l``, then ``d`` and ``dmin`` as little-endian fp16), with its
+    checks (codes in 0..3, fields in 0..15, ``d``/``dmin`` exact fp16)."""
+    q = torch.stack([st.q for st in states], dim=1)  # [n, nb, 256] uint8
+    sc, m = (torch.stack([getattr(st, f) for st in states], dim=1) for f in ("sc", "m"))  # [n, nb, 16] float
+    d, dmin = (torch.stack([getattr(st, f) for st in states], dim=1) for f in ("d", "dmin"))  # [n, nb] float32
+    bad = (q > 3).any() | (sc < 0).any() | (sc > 15).any() | (m < 0).any() | (m > 15).any() | (sc != sc.round()).any() \
+        | (m != m.round()).any()
+    halves = [x.to(torch.float16) for x in (d, dmin)]
+    if bool(bad) or not all(torch.equal(h.float(), x) for h, x in zip(halves, (d, dmin))):
+        from formats.errors import QdllmError
+
+        raise QdllmError("ggml packing: Q2_K codes, scales or mins out of range, or d/dmin not exact fp16")
+    scales = sc.to(torch.uint8) | (m.to(torch.uint8) << 4)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)[:, None]
+    crumbs = (q.view(*q.shape[:-1], 2, 4, 32) << shifts).sum(-2, dtype=torch.uint8).view(*q.shape[:-1], 64)
+    fp = [h.contiguous().view(torch.uint8).view(*d.shape, 2) for h in halves]  # little-endian on every CUDA host
+    return torch.cat([scales, crumbs, *fp], dim=-1)
 
 
 CHUNK = 1 << 23  # elements of one candidate batch [K, n, S, L] (32 MB of float32 per temporary)

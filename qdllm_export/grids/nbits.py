@@ -82,6 +82,23 @@ class NBitsGrid:
         state.q[:, c : c + w.shape[1]] = q
         return (q - state.z[:, None]) * state.s[:, None]
 
+    def column_params(self, state: NBitsState, cols: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Scale and zero point ``[block, n]`` of each position of the GPTQ walk (the same for every column)."""
+        return tuple(a[None, :].expand(self.block, -1).contiguous() for a in (state.s, state.z))
+
+    def round_column(self, p: tuple[torch.Tensor, ...], w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``round``'s arithmetic on one column ``w [n, 1]``: the code ``[n]`` and the value ``[n, 1]``."""
+        s, z = p
+        q = torch.clamp(torch.round(w / s[:, None] + z[:, None]), 0.0, self.maxq)
+        return q[:, 0], (q - z[:, None]) * s[:, None]
+
+    def record_codes(self, state: NBitsState, cols: torch.Tensor | None, codes: torch.Tensor) -> None:
+        """The codes ``[block, n]`` of the GPTQ walk (position order) become the state's."""
+        if cols is None:
+            state.q = codes.T.contiguous()
+        else:
+            state.q[:, cols.to(state.q.device)] = codes.T
+
     def round_plain(self, state: NBitsState, Wb: torch.Tensor) -> None:
         """The codes of every column at once (``round``'s arithmetic on the whole block)."""
         state.q = torch.clamp(torch.round(Wb / state.s[:, None] + state.z[:, None]), 0.0, self.maxq)

@@ -24,10 +24,12 @@ Hessian after optimal compensation of the later columns). Outliers ``Pi = |Z - m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
+from . import graphs
 from .abmp import abmp_assign, uniform_planes
 from .common import PlaneCollector, to_fp16_checked
 from .config import QuantConfig
@@ -112,8 +114,7 @@ def gptq_reround(W: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, Ubb: torch
     was when rounded (what a refit of the scales should fit)."""
     K = rs.shape[0]
     n, G = W.shape
-    combos = torch.tensor([[1.0 if (idx >> k) & 1 else -1.0 for k in range(K)] for idx in range(2**K)],
-                          dtype=torch.float32, device=W.device)  # [2^K, K]
+    combos = sign_combos(K, W.device)  # [2^K, K]
     W1 = W.clone()
     S = torch.empty(K, n, G, dtype=torch.float32, device=W.device)
     for c in range(G):
@@ -125,6 +126,19 @@ def gptq_reround(W: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, Ubb: torch
             err = (W1[:, c] - q) / Ubb[c, c]
             W1[:, c + 1 :] -= err[:, None] * Ubb[c, c + 1 :][None, :]
     return S, W1
+
+
+_COMBOS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def sign_combos(K: int, device: torch.device) -> torch.Tensor:
+    """``[2^K, K]`` float32: row ``idx`` holds +1 for plane k where bit k of ``idx`` is set, else -1 (cached per
+    device, so a CUDA graph capture finds it made)."""
+    key = (K, torch.device(device))
+    if key not in _COMBOS:
+        _COMBOS[key] = torch.tensor([[1.0 if (idx >> k) & 1 else -1.0 for k in range(K)] for idx in range(2**K)],
+                                    dtype=torch.float32, device=device)
+    return _COMBOS[key]
 
 
 def greedy_init(W: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,25 +207,62 @@ def daq_block(
     W = W.to(torch.float32)
     if A is None:
         A = torch.ones_like(W)
+    graph = not track and M is None  # pure tensor functions: replayed as CUDA graphs on a GPU (quant.graphs)
     with phase("daq:iters"):
-        rs, cs, S = greedy_init(W, K)
-        losses = [weighted_loss(W, A, planes_sum(rs, cs, S))] if track else []
-        for _ in range(iters):
-            rsr_sweep(W, A, rs, cs, S, M)
-            S = joint_reround(W, rs, cs)
-            if track:
-                losses.append(weighted_loss(W, A, planes_sum(rs, cs, S)))
-    if Ubb is not None:
+        if graph:
+            rs, cs, S = graphs.run(("daq-iters", K, iters), partial(_iterate, K=K, iters=iters), [W, A])
+            losses = []
+        else:
+            rs, cs, S = greedy_init(W, K)
+            losses = [weighted_loss(W, A, planes_sum(rs, cs, S))] if track else []
+            for _ in range(iters):
+                rsr_sweep(W, A, rs, cs, S, M)
+                S = joint_reround(W, rs, cs)
+                if track:
+                    losses.append(weighted_loss(W, A, planes_sum(rs, cs, S)))
+    if Ubb is not None and rounds > 0:
         with phase("daq:gptq"):
-            for _ in range(rounds):
-                S, T = gptq_reround(W, rs, cs, Ubb)
-                rsr_sweep(T, A, rs, cs, S, M)
+            if graph:
+                rs, cs, S = graphs.run(("daq-gptq", K, rounds), partial(_gptq_rounds, rounds=rounds), [W, A, rs, cs, Ubb])
+            else:
+                for _ in range(rounds):
+                    S, T = gptq_reround(W, rs, cs, Ubb)
+                    rsr_sweep(T, A, rs, cs, S, M)
     if fp16:
         balance_scales(rs, cs)
         rs = to_fp16_checked(rs, "a row scale", name)
         cs = to_fp16_checked(cs, "a column scale", name)
-        S = joint_reround(W, rs, cs) if Ubb is None else gptq_reround(W, rs, cs, Ubb)[0]
+        if Ubb is None:
+            S = joint_reround(W, rs, cs)
+        else:
+            with phase("daq:gptq"):
+                S = graphs.run(("daq-reround", K), _final_reround, [W, rs, cs, Ubb])[0] if graph \
+                    else gptq_reround(W, rs, cs, Ubb)[0]
     return DaqBlock(rs=rs, cs=cs, S=S, Q=planes_sum(rs, cs, S), losses=losses)
+
+
+def _iterate(W: torch.Tensor, A: torch.Tensor, K: int, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-2 of the module doc on ``W [n, G]`` with weights ``A [n, G]``: ``(rs [K, n], cs [K, G], S [K, n, G])``."""
+    rs, cs, S = greedy_init(W, K)
+    for _ in range(iters):
+        rsr_sweep(W, A, rs, cs, S)
+        S = joint_reround(W, rs, cs)
+    return rs, cs, S
+
+
+def _gptq_rounds(W: torch.Tensor, A: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, Ubb: torch.Tensor,
+                 rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rounds`` times: signs by :func:`gptq_reround`, then the scales refitted to its targets (``rs``, ``cs``
+    updated in place and returned with the last signs)."""
+    for _ in range(rounds):
+        S, T = gptq_reround(W, rs, cs, Ubb)
+        rsr_sweep(T, A, rs, cs, S)
+    return rs, cs, S
+
+
+def _final_reround(W: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, Ubb: torch.Tensor) -> tuple[torch.Tensor]:
+    """The signs of :func:`gptq_reround` against the fp16 scales."""
+    return (gptq_reround(W, rs, cs, Ubb)[0],)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +368,10 @@ def daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, plan
     if perm is None:
         return _daq_quantize(W, H, cfg, planes, name)
     inv = torch.argsort(perm)
-    qt, W_hat, planes = _daq_quantize(W[:, perm], H.to(W.device)[perm][:, perm], cfg, planes, name)
-    return permute_block_columns(qt, inv.cpu().numpy()), W_hat[:, inv], planes
+    G = cfg.group_size
+    local = inv.view(-1, G) - torch.arange(0, W.shape[1], G, device=inv.device)[:, None]  # [nb, G]
+    qt, W_hat, planes = _daq_quantize(W[:, perm], H.to(W.device)[perm][:, perm], cfg, planes, name, local)
+    return qt, W_hat[:, inv], planes
 
 
 def permute_block_columns(qt, perm: np.ndarray):
@@ -336,7 +389,12 @@ def permute_block_columns(qt, perm: np.ndarray):
                            qt.name, dict(qt.meta))
 
 
-def _daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, planes: np.ndarray | None = None, name: str = ""):
+def _daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, planes: np.ndarray | None = None, name: str = "",
+                  local: torch.Tensor | None = None):
+    """DAQ of ``W`` block by block. ``local`` (long ``[nb, G]``): the stored tensor's column ``c`` of block ``j``
+    is the quantized block's column ``local[j, c]`` (act-order's inverse permutation, applied to the signs and
+    column scales on ``W``'s device before they are collected; what :func:`permute_block_columns` does to a
+    whole tensor)."""
     W = W.detach().to(torch.float32).clone()
     n_out, n_in = W.shape
     G = cfg.group_size
@@ -361,7 +419,11 @@ def _daq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, pla
         Ubb = U[c0:c1, c0:c1] if cfg.inblock != "none" and U is not None else None
         blk = daq_block(Wb, A, int(planes[j]), cfg.iters, fp16=True, name=name, M=M, Ubb=Ubb)
         W_hat[:, c0:c1] = blk.Q
-        col.add_block(j, blk.rs, blk.cs, blk.S > 0)
+        if local is None:
+            col.add_block(j, blk.rs, blk.cs, blk.S > 0)
+        else:
+            lj = local[j].to(W.device)
+            col.add_block(j, blk.rs, blk.cs[:, lj], blk.S[:, :, lj] > 0)
         if U is not None and c1 < n_in:
             with phase("daq:compensate"):
                 D = Wb - blk.Q
