@@ -205,6 +205,25 @@ def build_forward(b: Builder, hp: HParams, linear: Linear, vector: Callable[[str
         y = linear(b, x, name)
         return b.op("Add", [y, vector(bias_name)]) if bias_name else y
 
+    def moe(h: str, p: str) -> str:
+        """Routing in the graph: softmax over the router's logits, TopK (ties: lowest id), the k weights scattered
+        into a dense ``[B, T, E]`` (zero for experts not chosen, not renormalised); every expert runs on every token
+        and its output is weighted by its column (correctness first: E / k times the routed compute)."""
+        probs = b.op("Softmax", [linear(b, h, p + "ffn_gate_inp.weight")], axis=-1)
+        top = [b.name("topk_w"), b.name("topk_i")]
+        b.nodes.append(helper.make_node("TopK", [probs, b.const([hp.n_expert_used])], top, name=top[0], axis=-1,
+                                        largest=1, sorted=1))
+        dense = b.op("ScatterElements", [b.op("Mul", [probs, b.const(0.0, fp)]), top[1], top[0]], axis=-1)
+        out = None
+        for e in range(hp.n_expert):
+            g = linear(b, h, p + f"ffn_gate_exps.{e}.weight")
+            u = linear(b, h, p + f"ffn_up_exps.{e}.weight")
+            act = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
+            w = b.op("Slice", [dense, b.const([e]), b.const([e + 1]), b.const([-1])])
+            y = b.op("Mul", [linear(b, act, p + f"ffn_down_exps.{e}.weight"), w])
+            out = y if out is None else b.op("Add", [out, y])
+        return out
+
     b.scope = "embed/"
     x = embed(b, "input_ids")  # [B, T, d]
     for i in range(hp.n_layers):
@@ -219,6 +238,8 @@ def build_forward(b: Builder, hp: HParams, linear: Linear, vector: Callable[[str
         q = b.op("Transpose", [b.op("Reshape", [q, b.const([0, 0, nkv, rep, hd])])], perm=[0, 2, 3, 1, 4])
         k = b.op("Transpose", [b.op("Reshape", [k, b.const([0, 0, nkv, hd])])], perm=[0, 2, 1, 3])
         v = b.op("Transpose", [b.op("Reshape", [v, b.const([0, 0, nkv, hd])])], perm=[0, 2, 1, 3])
+        if hp.spec.qk_norm:  # per-head RMSNorm over hd before RoPE (llada-moe)
+            q, k = rms(q, p + "attn_q_norm.weight"), rms(k, p + "attn_k_norm.weight")
         q = b.op("Mul", [rope(q, cos5, sin5), b.const(1.0 / np.sqrt(hd), fp)])
         k = rope(k, cos4, sin4)
         q = b.op("Reshape", [q, b.const([0, 0, -1, hd])])  # [B, nkv, rep*T, hd]
@@ -230,6 +251,9 @@ def build_forward(b: Builder, hp: HParams, linear: Linear, vector: Callable[[str
         x = b.op("Add", [x, linear(b, o, p + "attn_output.weight")])
         b.scope = f"blk.{i}/ffn/"
         h = rms(x, p + "ffn_norm.weight")
+        if hp.n_expert:
+            x = b.op("Add", [x, moe(h, p)])
+            continue
         g = linear(b, h, p + "ffn_gate.weight")
         u = linear(b, h, p + "ffn_up.weight")
         act = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])

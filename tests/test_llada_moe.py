@@ -304,3 +304,15 @@ def test_auto_gives_a_layers_experts_one_type():
     # per tensor, expert 1 alone would be upgraded first (gain 4.8 / 200); as one unit both experts move together
     assert allocate(sens, 3.4) == {names[0]: "b", names[1]: "b", names[2]: "a"}
     assert allocate(sens, 2.0) == dict.fromkeys(names, "a")
+
+
+def test_onnx_routes_in_the_graph(tmp_path, moe_ckpt):
+    """ONNX (f32): softmax, TopK and the scattered weights in the graph; onnxruntime matches the NumPy forward."""
+    from formats.onnx import write_onnx
+    from runtime_ref.ort import OrtBackend
+
+    src = HFTensors(moe_ckpt)
+    path = write_onnx(tmp_path / "m.onnx", src, tokenizer=load_tokenizer(moe_ckpt), outtype="f32")
+    ids = _ids(src.hparams, 32)
+    got, ref = OrtBackend(path).raw_logits(ids), forward(src, ids)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
