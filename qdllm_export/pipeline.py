@@ -35,6 +35,7 @@ from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows
 from qdllm_export.models import SEQUENTIAL_GROUPS, dequantize_torch, family_module, sequential_groups
 from qdllm_export.models.layers import rope_tables
 from qdllm_export.quant import HessianAccumulator, QuantConfig
+from qdllm_export.quant.recon import ReconConfig
 from qdllm_export.targets.base import Target
 from qdllm_export.targets.planes import as_target
 from qdllm_export.timing import phase, start_block
@@ -60,6 +61,8 @@ class LayerReport:
 class PipelineResult:
     layers: list[LayerReport] = field(default_factory=list)
     block_errors: list[float] = field(default_factory=list)  # relative output error of each quantized block
+    recon: list[dict[str, Any]] = field(default_factory=list)  # block-output tuning, per block (quant.recon)
+    equalized: list[dict[str, float]] = field(default_factory=list)  # per block: site -> alpha (quant.equalize)
     seconds: float = 0.0
 
     def linear_bits_per_weight(self, native: bool = False) -> float:
@@ -196,21 +199,33 @@ def _stored(src: HFTensors, name: str, bf16: bool) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ one block
 @dataclass
 class _Calib:
-    """Calibration activations entering the current block, and the RoPE tables (None without data)."""
+    """Calibration activations entering the current block, and the RoPE tables (None without data);
+    ``x_fp``: the same windows through the float model (block-output tuning's targets), else None."""
 
     x: torch.Tensor | None
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     batch: int
+    x_fp: torch.Tensor | None = None
 
 
 def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib, true_sequential: bool,
-                   result: PipelineResult, on_layer: OnLayer | None, n_layers: int) -> dict[str, Any]:
+                   result: PipelineResult, on_layer: OnLayer | None, n_layers: int,
+                   recon: ReconConfig | None = None, equalize: bool = False) -> dict[str, Any]:
     """Quantize the linears of ``block`` in place (weights replaced by their stored values); returns
-    role -> stored tensor. ``calib.x`` becomes the quantized block's outputs."""
+    role -> stored tensor. ``calib.x`` becomes the quantized block's outputs (``calib.x_fp`` the float
+    block's). ``recon``: block-output tuning of the fitted codes (``quant.recon``); ``equalize``: per-channel
+    scales folded into the norms and v / up first (``quant.equalize``; the block's norms then hold them)."""
     linears = block.linears()
     roles = list(linears)
     data = calib.x is not None
+    tuning = data and recon is not None and recon.on
+    goal = _recon_goal(block, calib, recon) if tuning else None
+    floats = {r: m.weight.detach().clone() for r, m in linears.items()} if tuning else {}
+    tunables: dict[str, Any] = {}
+    if data and equalize:
+        with phase("equalize"):
+            _equalize(block, i, target, calib, result)
     groups = sequential_groups(roles) if true_sequential else [roles]
     # the float block's H of every linear only where the plan reads them (ABMP); else the first group's
     first = roles if getattr(target, "plan_needs_hessians", True) else groups[0]
@@ -231,6 +246,7 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
                                                   None if Hs is None else Hs[group[0]])
             if stacked is not None:
                 for r, name, res in zip(group, names, stacked):
+                    _take_tunable(tunables, r, res)
                     out[r] = _store_result(linears[r], name, res, result)
                 continue
         for r in group:
@@ -239,13 +255,79 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
                 on_layer(i, n_layers, name + (f" (last: {_err_text(result.layers[-1])})" if result.layers else ""))
             with phase("fit:" + r):
                 res = target.quantize(name, linears[r].weight.data, None if Hs is None else Hs[r], plan[r])
+            _take_tunable(tunables, r, res)
             out[r] = _store_result(linears[r], name, res, result)
+    if tunables and goal is not None:
+        with phase("recon"):
+            _tune_block(block, i, tunables, floats, Hs, calib, goal, recon, out, result)
     if data:
         del Hs
         _run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
         n_ref = y_ref.shape[0]
         result.block_errors.append(float((calib.x[:n_ref] - y_ref).norm() / y_ref.norm()))
     return out
+
+
+def _equalize(block: torch.nn.Module, i: int, target: Target, calib: _Calib, result: PipelineResult) -> None:
+    """Fold per-channel scales into ``block`` (``quant.equalize``), scored by ``target``'s own fits."""
+    from qdllm_export.quant.equalize import equalize_block, input_stats
+
+    stats = input_stats(block, lambda: _run_block(block, calib.x, calib.cos, calib.sin, calib.batch, keep=False))
+
+    def fit(role: str, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        return target.quantize(f"blk.{i}.{role}.weight", W, H, None)[1]
+
+    result.equalized.append(equalize_block(block, stats, fit))
+
+
+def _take_tunable(tunables: dict[str, Any], role: str, res: tuple[Any, torch.Tensor, dict[str, Any]]) -> None:
+    t = res[2].pop("tunable", None)
+    if t is not None:
+        tunables[role] = t
+
+
+def _recon_goal(block: torch.nn.Module, calib: _Calib, recon: ReconConfig) -> torch.Tensor:
+    """The float block's outputs ``[N, L, d]`` the tuning aims at: on the float model's inputs (``calib.x_fp``,
+    which then moves on to the next block) or on the quantized ones (``local``)."""
+    if recon.target == "float":
+        return _run_block(block, calib.x_fp, calib.cos, calib.sin, calib.batch)
+    return _run_block(block, calib.x.clone(), calib.cos, calib.sin, calib.batch)
+
+
+def _tune_block(block: torch.nn.Module, i: int, tunables: dict[str, Any], floats: dict[str, torch.Tensor],
+                Hs: dict[str, torch.Tensor], calib: _Calib, goal: torch.Tensor, recon: ReconConfig,
+                out: dict[str, Any], result: PipelineResult) -> None:
+    """Block-output tuning of the fitted codes (``quant.recon``); where it lowers the block's output error the
+    tuned tensors replace the fitted ones in ``out``, in the block and in the report."""
+    from torch.func import functional_call
+
+    from qdllm_export.quant import error_stats
+    from qdllm_export.quant.recon import reconstruct
+
+    linears = block.linears()
+    pname = {m: n for n, m in block.named_modules()}
+    keys = {r: f"{pname[m]}.weight" for r, m in linears.items()}
+
+    def run(x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(block, {keys[r]: w for r, w in weights.items()}, (x, calib.cos, calib.sin))
+
+    fitted = {r: m.weight.detach() for r, m in linears.items()}
+    with _fast(calib.x):  # TF32 forwards and backwards on CUDA, as the calibration forwards
+        points, rep = reconstruct(run, tunables, fitted, calib.x, goal, recon)
+    result.recon.append({"block": i, "loss_before": rep.loss_before, "loss_after": rep.loss_after, "kept": rep.kept,
+                         "tuned": list(rep.tuned), "iters": rep.iters})
+    if points is None:
+        return
+    for r, X in points.items():
+        name = f"blk.{i}.{r}.weight"
+        stored = tunables[r].commit(X)
+        with torch.no_grad():
+            linears[r].weight.copy_(_stored_values(stored, tunables[r].nearest(X), name))
+        stats = error_stats(floats[r], linears[r].weight.detach(), Hs.get(r) if Hs else None)
+        layer = next(rl for rl in result.layers if rl.name == name)
+        layer.stored, layer.rel_weight_error = record_of(stored), float(stats["rel_weight_err"])
+        layer.rel_output_error = stats.get("rel_output_err")
+        out[r] = stored
 
 
 def _store_result(m: torch.nn.Linear, name: str, res: tuple[Any, torch.Tensor, dict[str, Any]], result: PipelineResult) -> Any:
@@ -276,19 +358,34 @@ def _stored_values(stored: Any, w_hat: torch.Tensor, name: str, check_rows: int 
     return w_hat
 
 
+def _norm_names(i: int, alphas: dict[str, float]) -> list[str]:
+    """Canonical names of block ``i``'s norms that hold equalization scales."""
+    return [f"blk.{i}.{site}.weight" for site in ("attn_norm", "ffn_norm") if alphas.get(site, 0.0) != 0.0]
+
+
+def _equalized_norms(block: torch.nn.Module, i: int, hf: dict[str, str], result: PipelineResult) -> dict[str, np.ndarray]:
+    """HF name -> float32 value of every norm of block ``i`` that equalization changed."""
+    norms = block.norms()
+    return {hf[n]: norms[n.split(".")[2]].weight.detach().cpu().numpy().astype(np.float32)
+            for n in _norm_names(i, result.equalized[-1])}
+
+
 # ------------------------------------------------------------------------------------------ whole model
 def _calibration(src: HFTensors, model_dir: Path, ccfg: CalibConfig, device: str, batch: int,
-                 embedding: np.ndarray | None = None) -> _Calib:
+                 embedding: np.ndarray | None = None, float_stream: bool = False) -> _Calib:
     """Embedded MCS-masked calibration windows entering block 0; ``embedding`` float32 ``[vocab, d]``: the
-    table as shipped (default: the checkpoint's float one)."""
+    table as shipped (default: the checkpoint's float one); ``float_stream``: also the windows through the
+    checkpoint's float embedding (``x_fp``, the float model's stream)."""
     hp = src.hparams
     windows = calibration_windows(load_tokenizer(model_dir), hp, ccfg)
     if ccfg.mcs:
         windows, _ = apply_mcs(windows, hp.mask_token_id, ccfg.prefix_ratio, ccfg.seed, protect_first=hp.spec.shift_logits)
-    emb = torch.from_numpy(src.get("token_embd.weight") if embedding is None else embedding).to(device)
-    x = emb[torch.from_numpy(windows).to(device)]  # [N, L, d] float32
+    ids = torch.from_numpy(windows).to(device)
+    float_emb = src.get("token_embd.weight")
+    x = torch.from_numpy(float_emb if embedding is None else embedding).to(device)[ids]  # [N, L, d] float32
+    x_fp = torch.from_numpy(float_emb).to(device)[ids] if float_stream else None
     cos, sin = rope_tables(windows.shape[1], hp.head_dim, hp.rope_theta, torch.device(device))
-    return _Calib(x, cos, sin, batch)
+    return _Calib(x, cos, sin, batch, x_fp)
 
 
 def _head_importance(src: HFTensors, calib: _Calib) -> np.ndarray:
@@ -355,18 +452,26 @@ def quantize_checkpoint(
     batch: int = 8,
     true_sequential: bool = True,
     on_layer: OnLayer | None = None,
+    recon: ReconConfig | None = None,
+    equalize: bool = False,
 ) -> tuple[PipelineResult, dict[str, Any]]:
     """Quantize the linears of an HF checkpoint folder into a quantized checkpoint at ``out_dir``.
 
     ``target``: a ``QuantConfig`` (binary planes) or any ``qdllm_export.targets.Target``. ``tables``: the
     types of the embedding and the head (``targets.tables``; default Q4_K / Q6_K), which every file written
-    from the checkpoint holds. ``on_layer(block_index, n_blocks, what)`` reports progress. Returns the
+    from the checkpoint holds. ``recon``: block-output tuning of the fitted codes (``quant.recon``; default
+    ``ReconConfig()``: ``quant.recon.DEFAULT_ITERS`` steps; ``iters=0`` turns it off); ``equalize``: function-preserving per-channel scales before the fits (``quant.equalize``; the
+    changed norms are stored float32). ``on_layer(block_index, n_blocks, what)`` reports progress. Returns the
     per-layer report and the record written to ``qdllm_quant.json``. Nothing is left at ``out_dir`` on failure.
     """
     t0 = time.time()
     target = as_target(target)
     tables = tables or TablesSpec()
     torch.manual_seed(getattr(getattr(target, "cfg", None), "seed", 0))
+    recon = ReconConfig() if recon is None else recon
+    tuning = recon.on and target.needs_data and hasattr(target, "tune")
+    if tuning:
+        target.tune = True
     model_dir = Path(model_dir)
     src = HFTensors(model_dir)
     hp = src.hparams
@@ -378,17 +483,20 @@ def quantize_checkpoint(
         if on_layer:
             on_layer(0, hp.n_layers, f"token_embd as {tables.embed_type}")
         embd = encode_table(TABLES[0], src.get(TABLES[0]), tables.embed_type, device=device)
-        calib = _calibration(src, model_dir, ccfg, device, batch, table_values(embd)) if target.needs_data \
+        calib = _calibration(src, model_dir, ccfg, device, batch, table_values(embd),
+                             float_stream=tuning and recon.target == "float") if target.needs_data \
             else _Calib(None, None, None, batch)
         for i in range(hp.n_layers):
             block = _load_block(src, i, device)
-            stored = quantize_block(block, i, target, calib, true_sequential, result, on_layer, hp.n_layers)
+            stored = quantize_block(block, i, target, calib, true_sequential, result, on_layer, hp.n_layers,
+                                    recon if tuning else None, equalize and target.needs_data)
             if on_layer:
                 err = f", block output error {result.block_errors[-1]:.4f}" if result.block_errors else ""
                 on_layer(i + 1, hp.n_layers, f"block {i} done{err}")
             quantized = {hf[f"blk.{i}.{r}.weight"]: t for r, t in stored.items()}
-            floats = {hf[n]: _stored(src, n, bf16) for n in src.layer_names(i) if hf[n] not in quantized}
-            writer.add_shard(floats, quantized, bf16)
+            changed = _equalized_norms(block, i, hf, result) if equalize and target.needs_data else {}
+            floats = {hf[n]: _stored(src, n, bf16) for n in src.layer_names(i) if hf[n] not in quantized and hf[n] not in changed}
+            writer.add_shard(floats, quantized, bf16, as_is=changed)
             del block, stored, quantized
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -403,6 +511,11 @@ def quantize_checkpoint(
         result.seconds = time.time() - t0
         record = _record(target, ccfg if target.needs_data else None, src, model_dir, result, true_sequential,
                          {n: _table_record(n, t, src.get(n)) for n, t in done.items()})
+        if tuning:
+            record["reconstruction"] = {**recon.to_dict(), "blocks": result.recon}
+        if equalize and target.needs_data:
+            record["equalization"] = {"alphas": result.equalized,
+                                      "changed": [n for i, e in enumerate(result.equalized) for n in _norm_names(i, e)]}
         record["tensors"].update({n: {"shape": list(t.shape), **record_of(t)} for n, t in done.items() if is_stored(t)})
         writer.finish(record)
         return result, record

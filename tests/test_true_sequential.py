@@ -14,6 +14,7 @@ from qdllm_export.calib import CalibConfig
 from qdllm_export.models import dequantize_torch
 from qdllm_export.pipeline import _calibration, _load_block, quantize_checkpoint
 from qdllm_export.quant import HessianAccumulator, QuantConfig
+from qdllm_export.quant.recon import ReconConfig
 from qdllm_export.targets.planes import PlanesTarget
 from qdllm_export.targets.tables import table_values
 from tests.tiny import TEXT, make_checkpoint
@@ -46,7 +47,8 @@ def setup(tmp_path_factory):
     runs = {}
     for ts in (True, False):
         t = Recording(QuantConfig(method="rtn", bits=2))
-        quantize_checkpoint(src, root / f"q{ts}", t, ccfg, true_sequential=ts)
+        # no block-output tuning: it re-rounds the stored codes after the Hessians were taken
+        quantize_checkpoint(src, root / f"q{ts}", t, ccfg, true_sequential=ts, recon=ReconConfig(iters=0))
         runs[ts] = (t.seen, root / f"q{ts}")
     return src, ccfg, runs
 

@@ -18,7 +18,7 @@ from formats.tokenizer import load_tokenizer
 from qdllm_export.backends import resolve
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import console
-from qdllm_export.cli.quantize import run_quantize
+from qdllm_export.cli.quantize import EQUALIZE_HELP, TUNE_HELP, run_quantize
 
 OUTTYPES = ("quantized", "f32", "f16")
 
@@ -91,9 +91,12 @@ def quant_options(
     mcs: bool = typer.Option(True, "--mcs/--no-mcs", help="Masked Calibration Simulation."),
     device: str = typer.Option("cpu", callback=checks.device_option, help="cpu | cuda for quantization."),
     seed: int = typer.Option(0, min=0, help="Seed."),
+    tune_iters: Optional[int] = typer.Option(None, min=0, help=TUNE_HELP),
+    equalize: bool = typer.Option(False, "--equalize/--no-equalize", help=EQUALIZE_HELP),
 ) -> dict[str, Any]:
     return dict(method=method, bits=bits, group_size=group_size, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
-                mcs=mcs, prefix_ratio=0.25, abmp=True, abmp_ratio=0.05, data_aware=True, iters=15, device=device, seed=seed)
+                mcs=mcs, prefix_ratio=0.25, abmp=True, abmp_ratio=0.05, data_aware=True, iters=15, device=device, seed=seed,
+                tune_iters=tune_iters, equalize=equalize)
 
 
 def quant_options_given(q: dict[str, Any]) -> dict[str, bool]:

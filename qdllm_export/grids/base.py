@@ -110,6 +110,7 @@ class GridResult:
     stored: Any  # the formats dataclass of the grid (GGMLTensor, NBitsTensor, ...); None with pack=False
     w_hat: torch.Tensor  # float32 [n_out, n_in] on W's device, == stored.dequantize()
     states: list[Any] | None = None  # pack=False: every block's state, for pack_rows
+    targets: torch.Tensor | None = None  # keep_targets: [n_out, n_in] each column as it was when rounded
 
 
 def column_factor(H: torch.Tensor, U: torch.Tensor | None, kind: str, block: int) -> torch.Tensor:
@@ -137,13 +138,14 @@ def _check(W: torch.Tensor, grid: Grid, name: str) -> None:
 @torch.no_grad()
 @on_free_cores
 def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: GridConfig, name: str = "",
-                  refit_rows: torch.Tensor | None = None, pack: bool = True) -> GridResult:
+                  refit_rows: torch.Tensor | None = None, pack: bool = True, keep_targets: bool = False) -> GridResult:
     """Fit ``grid`` to ``W [n_out, n_in]`` with layer-input Hessian ``H [n_in, n_in]`` (None: no data).
 
     ``refit_rows`` (bool ``[n_out]``): the rows whose blocks get the closed-form refit, the others none
     (default: every row when ``cfg.refit``). Rows are independent, so stacking a matrix twice with half the
     rows refitted fits both variants in one walk over the columns (``targets.ggml.StockGridTarget``).
-    ``pack=False``: no stored tensor, the blocks' states instead (``pack_rows`` packs the rows kept)."""
+    ``pack=False``: no stored tensor, the blocks' states instead (``pack_rows`` packs the rows kept).
+    ``keep_targets``: also the GPTQ-updated columns the codes were rounded from (block-output tuning starts there)."""
     _check(W, grid, name)
     W = W.detach().to(torch.float32).clone()
     n_out, n_in = W.shape
@@ -163,6 +165,7 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
     if cfg.rounding != "gptq":
         U = None
     W_hat = torch.empty_like(W)
+    targets = torch.empty_like(W) if keep_targets else None
     states = []
     for c0 in range(0, n_in, grid.block):
         c1 = c0 + grid.block
@@ -180,6 +183,8 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
             Q = grid.refit(state, Tb, ib, cfg.refit) if refit_rows is None else _refit_rows(grid, state, Tb, ib, refit_rows)
         Qp = Q if lp is None else Q[:, lp]
         W_hat[:, c0:c1] = Qp
+        if targets is not None:
+            targets[:, c0:c1] = T
         states.append(state)
         if U is not None and c1 < n_in:
             with phase("grid:compensate"):
@@ -187,25 +192,31 @@ def grid_quantize(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, cfg: Grid
                 W[:, c1:] -= Err @ U[c0:c1, c1:]
     if perm is not None:
         W_hat = W_hat[:, torch.argsort(perm)]
+        targets = None if targets is None else targets[:, torch.argsort(perm)]
     if not pack:
-        return GridResult(stored=None, w_hat=W_hat, states=states)
+        return GridResult(stored=None, w_hat=W_hat, states=states, targets=targets)
     with phase("grid:pack"):
         stored = grid.pack(states, (n_out, n_in), name)
-    return GridResult(stored=stored, w_hat=W_hat)
+    return GridResult(stored=stored, w_hat=W_hat, states=states, targets=targets)
 
 
-def pack_rows(grid: Grid, states: list[Any], rows: torch.Tensor, shape: tuple[int, int], name: str = "") -> Any:
-    """The stored tensor of rows ``rows`` (long ``[k]``) of a fit of ``shape`` made with
-    ``grid_quantize(pack=False)``: bit for bit those rows of what ``grid.pack`` makes of every row."""
-    n, idx = shape[0], rows.cpu().numpy()
+def states_rows(states: list[Any], rows: torch.Tensor, n: int) -> list[Any]:
+    """Copies of the blocks' ``states`` of a fit of ``n`` rows holding only rows ``rows`` (long ``[k]``)."""
+    idx = rows.cpu().numpy()
 
     def take(a: Any, key: str) -> Any:
         if key in PER_BLOCK or not a.ndim or a.shape[0] != n:
             return a
         return a[rows.to(a.device)] if isinstance(a, torch.Tensor) else a[idx]
 
+    return [_map_state(st, take) for st in states]
+
+
+def pack_rows(grid: Grid, states: list[Any], rows: torch.Tensor, shape: tuple[int, int], name: str = "") -> Any:
+    """The stored tensor of rows ``rows`` (long ``[k]``) of a fit of ``shape`` made with
+    ``grid_quantize(pack=False)``: bit for bit those rows of what ``grid.pack`` makes of every row."""
     with phase("grid:pack"):
-        return grid.pack([_map_state(st, take) for st in states], (int(rows.shape[0]), shape[1]), name)
+        return grid.pack(states_rows(states, rows, shape[0]), (int(rows.shape[0]), shape[1]), name)
 
 
 def _refit_rows(grid: Grid, state: Any, T: torch.Tensor, imp: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:

@@ -201,6 +201,22 @@ class GGMLGrid:
             st.q[:, cols.to(st.q.device)] = codes.T.to(torch.uint8)
         st.cols = None
 
+    def requant(self, st: GGMLState, Wb: torch.Tensor, record: bool = False) -> torch.Tensor:
+        """Stored values ``[n, block]`` nearest to ``Wb`` under the block's parameters as they are (block-output
+        tuning, ``quant.recon``); ``record``: the codes become the state's."""
+        dl, ml = self._dl_ml(st)
+        n, S = st.sc.shape
+        idx = self.nearest(Wb.reshape(n, S, -1), dl[..., None], ml[..., None])
+        if record:
+            st.q, st.cols = idx.view(n, -1).to(torch.uint8), None
+        return self.value(idx, dl[..., None], ml[..., None]).view(n, -1)
+
+    def steps(self, st: GGMLState) -> torch.Tensor:
+        """The spacing of neighbouring stored values ``[n, block]`` (mean spacing for non-uniform levels)."""
+        lev = self.spec.levels
+        dl = (st.d[:, None] * st.sc).abs() * ((lev[-1] - lev[0]) / (len(lev) - 1))
+        return dl.repeat_interleave(self.spec.sub, dim=1)
+
     def round_plain(self, st: GGMLState, Wb: torch.Tensor) -> None:
         """Nothing to do: ``init`` ends with every code nearest to ``Wb`` under the final parameters (each
         parameter change in ``_descend`` comes with its re-rounded codes), which is what ``round`` would record."""

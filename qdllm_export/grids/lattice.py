@@ -225,6 +225,20 @@ class LatticeGrid:
         v = st.db[:, c // sp.sub, None] * self.table(w.device)[0][idx].reshape(n, -1)
         return torch.where(neg.reshape(n, -1), -v, v)
 
+    def requant(self, st: LatticeState, Wb: torch.Tensor, record: bool = False) -> torch.Tensor:
+        """Stored values ``[n, block]`` nearest to ``Wb`` under the block's scales as they are (block-output
+        tuning, ``quant.recon``); ``record``: the points become the state's."""
+        idx, neg = self._round_all(Wb.detach().to(torch.float32), st.wt, st.d, st.sc)
+        if record:
+            st.idx, st.neg, st.db = idx, neg, None
+        return self.values(st.d, st.sc, idx, neg)
+
+    def steps(self, st: LatticeState) -> torch.Tensor:
+        """The mean spacing of the codebook's magnitudes times each sub-block's scale, ``[n, block]``."""
+        mags = torch.unique(self.table(st.d.device)[0].abs())
+        gap = float((mags[-1] - mags[0]) / max(mags.numel() - 1, 1))
+        return (self.scale(st.d, st.sc) * gap).repeat_interleave(self.spec.sub, dim=1)
+
     def round_plain(self, st: LatticeState, Wb: torch.Tensor) -> None:
         """Nothing to do: ``init`` ends with ``_round_all`` of ``Wb`` under the final scales, the points ``round``
         would pick group by group."""

@@ -103,6 +103,18 @@ class NBitsGrid:
         """The codes of every column at once (``round``'s arithmetic on the whole block)."""
         state.q = torch.clamp(torch.round(Wb / state.s[:, None] + state.z[:, None]), 0.0, self.maxq)
 
+    def requant(self, state: NBitsState, Wb: torch.Tensor, record: bool = False) -> torch.Tensor:
+        """Stored values ``[n, block]`` nearest to ``Wb`` with scale and zero point as they are (``quant.recon``);
+        ``record``: the codes become the state's."""
+        q = self._codes(Wb, state.s, state.z)
+        if record:
+            state.q = q
+        return (q - state.z[:, None]) * state.s[:, None]
+
+    def steps(self, state: NBitsState) -> torch.Tensor:
+        """The spacing of neighbouring stored values ``[n, block]``: the scale."""
+        return state.s[:, None].expand(-1, self.block)
+
     def values(self, state: NBitsState) -> torch.Tensor:
         return (state.q - state.z[:, None]) * state.s[:, None]
 

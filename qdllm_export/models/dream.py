@@ -57,6 +57,18 @@ class DreamDecoderLayer(nn.Module):
         return {"attn_q": a.q_proj, "attn_k": a.k_proj, "attn_v": a.v_proj, "attn_output": a.o_proj,
                 "ffn_gate": m.gate_proj, "ffn_up": m.up_proj, "ffn_down": m.down_proj}
 
+    def norms(self) -> dict[str, RMSNorm]:
+        """Canonical name -> the RMSNorm before the attention and the FFN."""
+        return {"attn_norm": self.input_layernorm, "ffn_norm": self.post_attention_layernorm}
+
+    @property
+    def n_heads(self) -> int:
+        return self.self_attn.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.self_attn.n_kv_heads
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))

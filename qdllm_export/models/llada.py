@@ -35,6 +35,10 @@ class LLaDABlock(nn.Module):
         return {"attn_q": self.q_proj, "attn_k": self.k_proj, "attn_v": self.v_proj, "attn_output": self.attn_out,
                 "ffn_gate": self.ff_proj, "ffn_up": self.up_proj, "ffn_down": self.ff_out}
 
+    def norms(self) -> dict[str, RMSNorm]:
+        """Canonical name -> the RMSNorm before the attention and the FFN."""
+        return {"attn_norm": self.attn_norm, "ffn_norm": self.ff_norm}
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.attn_norm(x)
         q = apply_rope(split_heads(self.q_proj(h), self.n_heads), cos, sin)

@@ -143,6 +143,14 @@ class StockGridTarget:
     def plan_needs_hessians(self) -> bool:
         return self.base.plan_needs_hessians
 
+    @property
+    def tune(self) -> bool:
+        return self.base.tune
+
+    @tune.setter
+    def tune(self, on: bool) -> None:
+        self.base.tune = on
+
     def plan_block(self, i: int, weights: dict[str, torch.Tensor], Hs: Any) -> dict[str, Any]:
         return self.base.plan_block(i, weights, Hs)
 
@@ -169,14 +177,16 @@ class StockGridTarget:
         per linear the variant of lower output error, the refitted one on ties."""
         import time
 
-        from qdllm_export.grids.base import grid_quantize, pack_rows
+        from qdllm_export.grids.base import grid_quantize, pack_rows, states_rows
         from qdllm_export.quant import error_stats
+        from qdllm_export.targets.base import offer_tunable
 
         t0 = time.perf_counter()
         Wc = torch.cat([W.detach().to(torch.float32) for W in Ws])
         n = Wc.shape[0]
         rows = torch.arange(2 * n, device=Wc.device) < n
-        res = grid_quantize(torch.cat([Wc, Wc]), H, grid, self.cfg, name="+".join(names), refit_rows=rows, pack=False)
+        res = grid_quantize(torch.cat([Wc, Wc]), H, grid, self.cfg, name="+".join(names), refit_rows=rows, pack=False,
+                            keep_targets=self.tune)
         out, a = [], 0
         for name, W in zip(names, Ws):
             b = a + W.shape[0]
@@ -186,9 +196,12 @@ class StockGridTarget:
                 stats.update(method=f"grid-{self.cfg.rounding}", grid=grid.name)
                 fits.append((off, stats))
             off, stats = min(fits, key=lambda r: r[1]["rel_output_err"])  # the refitted one on ties
-            stored = pack_rows(grid, res.states, torch.arange(off + a, off + b), (2 * n, Wc.shape[1]), name)
+            kept = torch.arange(off + a, off + b)
+            stored = pack_rows(grid, res.states, kept, (2 * n, Wc.shape[1]), name)
             stats.update(bits_per_weight=stored.bits_per_weight(), refit=off == 0,
                          seconds=(time.perf_counter() - t0) / len(names))
+            if self.tune:
+                offer_tunable(stats, True, grid, states_rows(res.states, kept, 2 * n), res.targets[off + a : off + b], name)
             out.append((stored, res.w_hat[off + a : off + b], stats))
             a = b
         return out
@@ -264,12 +277,13 @@ def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, d
 
 def quantize_stock(model_dir: str | Path, out_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *,
                    device: str = "cpu", force: bool = False, on_layer: Callable[[int, int, str], None] | None = None,
-                   sensitivity: Any = None, tables: Any = None):
+                   sensitivity: Any = None, tables: Any = None, **tuning: Any):
     """Quantize the block linears of a float checkpoint into ggml types (a quantized checkpoint of
     ``GGMLTensor`` linears at ``out_dir``; embedding and head in ``tables``, a ``targets.tables.TablesSpec``,
-    default Q4_K / Q6_K); returns ``(PipelineResult, record)``."""
+    default Q4_K / Q6_K; ``tuning``: ``recon`` / ``equalize`` of ``pipeline.quantize_checkpoint``); returns
+    ``(PipelineResult, record)``."""
     from qdllm_export.pipeline import quantize_checkpoint
 
     target = stock_target(model_dir, spec, ccfg, device=device, on_layer=on_layer, sensitivity=sensitivity)
     return quantize_checkpoint(model_dir, out_dir, target, ccfg, tables=tables, device=device, force=force,
-                               true_sequential=spec.true_sequential, on_layer=on_layer)
+                               true_sequential=spec.true_sequential, on_layer=on_layer, **tuning)

@@ -123,9 +123,11 @@ def nbits_target(folder: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, devi
 
 
 def quantize_nbits(folder: str | Path, out_dir: str | Path, spec: NBitsSpec, ccfg: CalibConfig, *, device: str = "cpu",
-                   force: bool = False, on_layer: OnLayer | None = None, tables: Any = None) -> tuple[Any, dict[str, Any]]:
+                   force: bool = False, on_layer: OnLayer | None = None, tables: Any = None,
+                   **tuning: Any) -> tuple[Any, dict[str, Any]]:
     """The checkpoint at ``folder`` quantized to MatMulNBits linears into a quantized checkpoint at
-    ``out_dir`` (embedding and head in ``tables``, a ``targets.tables.TablesSpec``); returns the pipeline's
+    ``out_dir`` (embedding and head in ``tables``, a ``targets.tables.TablesSpec``; ``tuning``: ``recon`` /
+    ``equalize`` of ``pipeline.quantize_checkpoint``); returns the pipeline's
     ``(PipelineResult, record)``. Nothing is left at ``out_dir`` on failure."""
     from qdllm_export.pipeline import quantize_checkpoint
 
@@ -134,7 +136,7 @@ def quantize_nbits(folder: str | Path, out_dir: str | Path, spec: NBitsSpec, ccf
     check_budget(hp, spec, folder)
     target = nbits_target(folder, spec, ccfg, device=device, on_layer=on_layer)
     return quantize_checkpoint(folder, out_dir, target, ccfg, tables=tables, device=device, force=force,
-                               on_layer=on_layer)
+                               on_layer=on_layer, **tuning)
 
 
 __all__ = ["NBitsSpec", "OUTTYPES", "BLOCK_SIZES", "check_block_size", "check_budget", "nbits_target", "quantize_nbits"]

@@ -17,6 +17,7 @@ class PlanesTarget:
     """Binary planes (``formats.qtensor.QuantizedTensor``) by Quant-dLLM, RTN or GPTQ."""
 
     cfg: QuantConfig
+    tune: bool = False  # offer each fit as a quant.recon.PlanesTunable (stats["tunable"]) for block-output tuning
 
     @property
     def needs_data(self) -> bool:
@@ -43,6 +44,10 @@ class PlanesTarget:
         stats = dict(res.stats)
         if self.cfg.method in ("rtn", "gptq"):
             stats["bits_per_weight_native"] = native_uniform_bits(self.cfg.int_bits, self.cfg.group_size)
+        if self.tune:
+            from qdllm_export.quant.recon import PlanesTunable
+
+            stats["tunable"] = PlanesTunable(res.qt, res.w_hat, name)
         return res.qt, res.w_hat, stats
 
     def record(self) -> dict[str, Any]:

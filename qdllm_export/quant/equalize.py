@@ -1,0 +1,112 @@
+"""Function-preserving equalization: per-input-channel scales moved from a linear's input into its weight
+(AWQ / SmoothQuant style) before any grid is fitted, folded exactly into the tensor before it.
+
+A *site* is a group of linears reading one input and the tensor that makes that input:
+
+===============  ======================  =============================================================
+site             linears (columns * s)   folded into (divided by s)
+===============  ======================  =============================================================
+``attn_norm``    attn_q, attn_k, attn_v  the RMSNorm weight ``attn_norm`` (the input is ``norm(x) * g``)
+``ffn_norm``     ffn_gate, ffn_up        the RMSNorm weight ``ffn_norm``
+``attn_v``       attn_output             the rows (and bias) of attn_v (attention mixes v linearly)
+``ffn_up``       ffn_down                the rows of ffn_up (``silu(gate) * up`` is linear in up)
+===============  ======================  =============================================================
+
+For each site, ``s = mean|x|^alpha / mean|W|^(1 - alpha)`` (normalised to geometric mean 1) over a grid of
+``alpha`` (0 included: no change), each candidate scored by the output error ``tr(dW H dW^T)`` of the site's
+linears as the target fits them; the least wins. With grouped-query attention the ``attn_v`` site's scale is
+shared by the query heads reading one kv head. The float block's outputs are unchanged up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75)
+SITES = {"attn_norm": ("attn_q", "attn_k", "attn_v"), "ffn_norm": ("ffn_gate", "ffn_up"),
+         "attn_v": ("attn_output",), "ffn_up": ("ffn_down",)}
+
+
+@torch.no_grad()
+def input_stats(block: torch.nn.Module, run: Callable[[], None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per site: (mean |x_j| ``[n_in]``, ``H [n_in, n_in]``) of its linears' input over one ``run()`` of the block."""
+    linears = block.linears()
+    first = {site: roles[0] for site, roles in SITES.items()}
+    acc: dict[str, list[Any]] = {}
+
+    def hook(site: str, inp: tuple[torch.Tensor, ...]) -> None:
+        x = inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float32)
+        a = acc.setdefault(site, [torch.zeros(x.shape[1], device=x.device, dtype=torch.float64),
+                                  torch.zeros(x.shape[1], x.shape[1], device=x.device), 0])
+        a[0] += x.abs().sum(0).double()
+        a[1] += x.T @ x
+        a[2] += x.shape[0]
+
+    hooks = [linears[r].register_forward_hook(lambda m, i, o, s=s: hook(s, i)) for s, r in first.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {s: ((a[0] / a[2]).float(), a[1] / a[2]) for s, a in acc.items()}
+
+
+def _scales(xmean: torch.Tensor, W: torch.Tensor, alpha: float, group: int | None) -> torch.Tensor:
+    """``[n_in]`` scales of one candidate ``alpha``; ``group``: columns that must share a scale (GQA heads)."""
+    w = (W.abs() / W.abs().amax(1, keepdim=True).clamp_min(1e-12)).mean(0)
+    s = xmean.clamp_min(1e-6).pow(alpha) / w.clamp_min(1e-6).pow(1.0 - alpha)
+    if group is not None:
+        s = group_mean(s, *group)
+    return s / s.log().mean().exp()
+
+
+def group_mean(s: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """Mean of ``s`` over the query heads sharing each kv head, spread back to ``[n_heads * head_dim]``."""
+    hd = s.numel() // n_heads
+    m = s.view(n_kv, n_heads // n_kv, hd).mean(1, keepdim=True)
+    return m.expand(n_kv, n_heads // n_kv, hd).reshape(-1)
+
+
+@torch.no_grad()
+def equalize_block(block: torch.nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   fit: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Choose and fold each site's scales into ``block`` in place; returns site -> chosen alpha.
+
+    ``fit(role, W, H) -> W_hat``: the target's fit of one linear (used to score the candidates)."""
+    linears, norms = block.linears(), block.norms()
+    nh, nkv = block.n_heads, block.n_kv_heads
+    chosen = {}
+    for site, roles in SITES.items():
+        xmean, H = stats[site]
+        Ws = [linears[r].weight.detach().to(torch.float32) for r in roles]
+        group = (nh, nkv) if site == "attn_v" else None
+        best, best_s = None, None
+        for alpha in ALPHAS:
+            s = _scales(xmean, torch.cat(Ws), alpha, group)
+            Hs = H / s[:, None] / s[None, :]
+            err = 0.0
+            for r, W in zip(roles, Ws):
+                D = fit(r, W * s, Hs) - W * s
+                err += float(torch.einsum("ij,jk,ik->", D, Hs, D))
+            if best is None or err < best:
+                best, best_s, chosen[site] = err, s, alpha
+        if chosen[site] != 0.0:
+            fold(block, site, best_s, linears, norms)
+    return chosen
+
+
+def fold(block: torch.nn.Module, site: str, s: torch.Tensor, linears: dict[str, torch.nn.Linear],
+         norms: dict[str, torch.nn.Module]) -> None:
+    """``s`` into the site's linears' columns and out of the tensor before them (the module table)."""
+    for r in SITES[site]:
+        linears[r].weight.mul_(s[None, :])
+    if site in norms:
+        norms[site].weight.div_(s)
+        return
+    src = linears[site]
+    rows = s if site == "ffn_up" else s.view(block.n_kv_heads, block.n_heads // block.n_kv_heads, -1)[:, 0].reshape(-1)
+    src.weight.div_(rows[:, None])
+    if src.bias is not None:
+        src.bias.div_(rows)
