@@ -10,7 +10,7 @@ target and pass, the seconds of each phase in the last block (the first carries 
 every block's phases to ``--out``. Phases: ``load`` (read the shard, float32 on the device), ``forward``
 (calibration forwards), ``hessian`` (``X^T X`` accumulation), ``plan`` (ABMP), ``fit:<linears>`` with its
 inner ``grid:*`` / ``daq:*`` / ``stats`` phases, ``store`` (stored values into the block), ``sens:<type>``
-(``auto``'s sensitivity fits); ``other`` is the block's wall time outside every phase (the shard write).
+(``auto``'s sensitivity fits), ``recon`` (block-output tuning, ``--tune-iters``); ``other`` is the block's wall time outside every phase (the shard write).
 """
 
 from __future__ import annotations
@@ -30,23 +30,28 @@ from formats.families import HParams  # noqa: E402
 from qdllm_export.timing import totals  # noqa: E402
 
 
-def run_target(name: str, ckpt: Path, out: Path, device: str, samples: int, seq_len: int) -> None:
-    """One target's pipeline on ``ckpt`` into ``out`` (as the CLI verb runs it, minus the file writer)."""
+def run_target(name: str, ckpt: Path, out: Path, device: str, samples: int, seq_len: int,
+               tune_iters: int | None = None) -> None:
+    """One target's pipeline on ``ckpt`` into ``out`` (as the CLI verb runs it, minus the file writer);
+    ``tune_iters``: block-output tuning steps (None: the default)."""
     from qdllm_export.calib import CalibConfig
     from qdllm_export.pipeline import quantize_checkpoint
     from qdllm_export.quant import QuantConfig
     from qdllm_export.targets.ggml import StockSpec, quantize_stock
     from qdllm_export.targets.nbits import NBitsSpec, quantize_nbits
 
+    from qdllm_export.cli.quantize import tuning
+
     ccfg = CalibConfig(n_samples=samples, seq_len=seq_len)
+    kw = dict(device=device, force=True, **tuning(tune_iters, False, 0))
     if name == "planes":
-        quantize_checkpoint(ckpt, out, QuantConfig(), ccfg, device=device, force=True)
+        quantize_checkpoint(ckpt, out, QuantConfig(), ccfg, **kw)
     elif name == "int2":
-        quantize_nbits(ckpt, out, NBitsSpec("int2", block_size=128), ccfg, device=device, force=True)
+        quantize_nbits(ckpt, out, NBitsSpec("int2", block_size=128), ccfg, **kw)
     elif name == "auto":
-        quantize_stock(ckpt, out, StockSpec("auto", 2.5), ccfg, device=device, force=True)
+        quantize_stock(ckpt, out, StockSpec("auto", 2.5), ccfg, **kw)
     else:
-        quantize_stock(ckpt, out, StockSpec(name), ccfg, device=device, force=True)
+        quantize_stock(ckpt, out, StockSpec(name), ccfg, **kw)
 
 
 def warm_up(device: str) -> None:
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--shape", default="llada-8b", choices=sorted(SHAPES))
+    ap.add_argument("--tune-iters", type=int, default=None, help="block-output tuning steps (default: the library's)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     import torch
@@ -106,7 +112,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         try:
-            run_target(name, ckpt, a.workdir / f"q-{name}", a.device, a.samples, a.seq_len)
+            run_target(name, ckpt, a.workdir / f"q-{name}", a.device, a.samples, a.seq_len, a.tune_iters)
         finally:
             res = timing.result()
             results[name] = res
