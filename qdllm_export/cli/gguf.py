@@ -135,8 +135,8 @@ def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
     checks.unused_with({f: given[f] for f in ("--method", "--bits", "--group-size")},
                        f"with --outtype {outtype} (binary-plane options; see --rounding, --bpw)")
     if imatrix is not None:
-        checks.unused_with({f: given[f] for f in ("--calib", "--calib-samples", "--seq-len", "--no-mcs")},
-                           "with --imatrix (it replaces calibration)")
+        checks.unused_with({f: given[f] for f in ("--calib", "--calib-samples", "--seq-len", "--no-mcs", "--tune-iters",
+                                                  "--equalize")}, "with --imatrix (it replaces calibration)")
     if q["device"].startswith("cuda"):
         import torch
 
