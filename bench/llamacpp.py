@@ -129,9 +129,10 @@ def our_file(model: str, work: Path, key: str, ccfg, sens_cache: dict) -> tuple[
     t0 = time.time()
     sens = None
     if outtype == "auto":
-        if "sens" not in sens_cache:
-            sens_cache["sens"] = auto_sensitivity(folder, ccfg)
-        sens = sens_cache["sens"]
+        tuned = tune_kw.get("tune_iters") != 0  # auto mixes only tunable types when tuning follows
+        if tuned not in sens_cache:
+            sens_cache[tuned] = auto_sensitivity(folder, ccfg, tuned=tuned)
+        sens = sens_cache[tuned]
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         _, rec = quantize_stock(folder, Path(tmp) / "q", StockSpec(outtype, bpw, **spec_kw), ccfg, force=True,
                                 sensitivity=sens, **tuning(tune_kw.get("tune_iters"), False, ccfg.seed))

@@ -231,19 +231,30 @@ class ImatrixTarget:
         return {**self.base.record(), "importance_from": "imatrix", "imatrix": self.source}
 
 
+def auto_candidates(tuned: bool) -> tuple[str, ...]:
+    """The types ``auto`` chooses among: with block-output tuning on, only those whose codes it can move
+    (``quant.recon.tunable_grid``; libggml's iq2_s / iq3_s would ship untuned, and the sensitivities are of
+    untuned fits: on both bundled families the tunable-only mix had the lower ΔNLL, docs/benchmarks.md "recon")."""
+    from qdllm_export.quant.recon import tunable_grid
+
+    return tuple(c for c in AUTO_CANDIDATES if not tuned or tunable_grid(grid_for(c, 256)))
+
+
 def auto_sensitivity(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "cpu",
-                     on_layer: Callable[[int, int, str], None] | None = None) -> Any:
-    """Output error and bits of every ``AUTO_CANDIDATES`` type on every linear (``qdllm_export.targets.mix``)."""
+                     on_layer: Callable[[int, int, str], None] | None = None, tuned: bool = False) -> Any:
+    """Output error and bits of every ``auto_candidates(tuned)`` type on every linear (``qdllm_export.targets.mix``)."""
     from qdllm_export.targets.mix import measure_sensitivity
 
-    cands = {c: partial(grid_for, c) for c in AUTO_CANDIDATES}
+    cands = {c: partial(grid_for, c) for c in auto_candidates(tuned)}
     return measure_sensitivity(model_dir, cands, ccfg, device=device, on_layer=on_layer)
 
 
 def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, device: str = "cpu",
-                 on_layer: Callable[[int, int, str], None] | None = None, sensitivity: Any = None) -> Any:
+                 on_layer: Callable[[int, int, str], None] | None = None, sensitivity: Any = None,
+                 tuned: bool = False) -> Any:
     """The pipeline target of ``spec``; for ``auto`` this measures every candidate's error first (unless
-    ``sensitivity``, from :func:`auto_sensitivity` on the same model and calibration, is given)."""
+    ``sensitivity``, from :func:`auto_sensitivity` on the same model and calibration, is given); ``tuned``:
+    block-output tuning will follow the fits (``auto`` then mixes only the types it can tune)."""
     from formats.families import read_config
     from qdllm_export.targets.base import GridTarget
 
@@ -253,7 +264,7 @@ def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, d
         from qdllm_export.targets.mix import allocate, plan_summary
 
         check_budget(hp, spec.bpw)
-        sens = sensitivity or auto_sensitivity(model_dir, ccfg, device=device, on_layer=on_layer)
+        sens = sensitivity or auto_sensitivity(model_dir, ccfg, device=device, on_layer=on_layer, tuned=tuned)
         choice = allocate(sens, spec.bpw)
         grid_of: Callable = partial(_chosen, choice)
         describe.update(bpw=spec.bpw, **plan_summary(sens, choice))
@@ -283,7 +294,10 @@ def quantize_stock(model_dir: str | Path, out_dir: str | Path, spec: StockSpec, 
     default Q4_K / Q6_K; ``tuning``: ``recon`` / ``equalize`` of ``pipeline.quantize_checkpoint``); returns
     ``(PipelineResult, record)``."""
     from qdllm_export.pipeline import quantize_checkpoint
+    from qdllm_export.quant.recon import ReconConfig
 
-    target = stock_target(model_dir, spec, ccfg, device=device, on_layer=on_layer, sensitivity=sensitivity)
+    recon = tuning.get("recon") or ReconConfig()  # quantize_checkpoint's default
+    tuned = recon.on and spec.rounding != "rtn" and not spec.imatrix
+    target = stock_target(model_dir, spec, ccfg, device=device, on_layer=on_layer, sensitivity=sensitivity, tuned=tuned)
     return quantize_checkpoint(model_dir, out_dir, target, ccfg, tables=tables, device=device, force=force,
                                true_sequential=spec.true_sequential, on_layer=on_layer, **tuning)
