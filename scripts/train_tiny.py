@@ -27,6 +27,11 @@ Example::
     python scripts/prepare_corpus.py
     python scripts/train_tiny.py --family llada --out qdllm_export/data/tiny-llada --minutes 7 --seed 0
     python scripts/train_tiny.py --family dream --out qdllm_export/data/tiny-dream --minutes 7 --seed 0
+    python scripts/train_tiny.py --family llada-moe --out qdllm_export/data/tiny-llada-moe --minutes 6 --seed 0
+
+A mixture (``llada-moe``) adds the Switch-Transformer load-balancing term ``--aux-loss * E * sum_e f_e P_e``
+(``f_e``: share of routed slots that go to expert ``e``, ``P_e``: its mean router probability), per layer,
+so that every expert is trained and reached by calibration.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from formats.tokenizer import SPECIAL_TOKENS  # noqa: E402
 FAMILY_DEFAULTS = {
     "llada": {"n_kv_heads": None, "rope_theta": 500000.0, "norm_eps": 1e-5},
     "dream": {"n_kv_heads": 2, "rope_theta": 1e6, "norm_eps": 1e-6},
+    "llada-moe": {"n_kv_heads": None, "rope_theta": 50000.0, "norm_eps": 1e-5},
 }
 DEFAULT_PROMPT = "ANTONY.\nFriends, Romans, countrymen, lend me your ears;\n"  # Julius Caesar: a held-out work
 
@@ -91,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--n-kv-heads", type=int, help="default: n_heads (llada, MHA) / 2 (dream, GQA)")
     ap.add_argument("--d-ff", type=int, default=768)
+    ap.add_argument("--n-expert", type=int, default=8, help="llada-moe: experts per layer")
+    ap.add_argument("--n-expert-used", type=int, default=2, help="llada-moe: experts each token is routed to")
+    ap.add_argument("--d-ff-exp", type=int, default=256, help="llada-moe: one expert's hidden size")
+    ap.add_argument("--aux-loss", type=float, default=0.01, help="llada-moe: load-balancing loss weight")
     ap.add_argument("--context-length", type=int, default=512)
     ap.add_argument("--rope-theta", type=float, help="default: 500000 (llada) / 1e6 (dream)")
     ap.add_argument("--norm-eps", type=float, help="default: 1e-5 (llada) / 1e-6 (dream)")
@@ -217,7 +227,7 @@ def evaluate(model, windows: torch.Tensor, args, hp: HParams, device, autocast) 
 def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
     """N(0, std) for embeddings and linears, output projections of each block scaled by 1/sqrt(2 n_layers),
     zero biases, unit norm weights."""
-    resid = {id(m) for blk in model.blocks for role, m in blk.linears().items() if role in ("attn_output", "ffn_down")}
+    resid = {id(m) for blk in model.blocks for role, m in blk.linears().items() if role == "attn_output" or role.startswith("ffn_down")}
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             s = std / math.sqrt(2 * n_layers) if id(m) in resid else std
@@ -226,6 +236,27 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
                 nn.init.zeros_(m.bias)
         elif hasattr(m, "weight") and m.weight is not None and m.weight.ndim == 1:
             nn.init.ones_(m.weight)
+
+
+def router_probs(model: nn.Module) -> list[torch.Tensor]:
+    """Hooks that keep each MoE layer's router probabilities ``[T, E]`` float32 of the last forward (empty for a dense
+    model): read by :func:`balance_loss`."""
+    kept: list[torch.Tensor] = []
+    for blk in model.blocks:
+        gate = getattr(blk.mlp, "gate", None)
+        if gate is not None:
+            gate.register_forward_hook(lambda m, i, o: kept.append(torch.softmax(o.float().reshape(-1, o.shape[-1]), -1)))
+    return kept
+
+
+def balance_loss(probs: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Switch-Transformer load balance, summed over layers: ``E * sum_e f_e P_e`` (1 when uniform)."""
+    total = torch.zeros((), device=probs[0].device)
+    for p in probs:
+        E = p.shape[-1]
+        f = torch.bincount(p.topk(k, dim=-1).indices.reshape(-1), minlength=E).float() / (p.shape[0] * k)
+        total = total + E * (f * p.mean(0)).sum()
+    return total
 
 
 def lr_at(progress: float, step: int, args) -> float:
@@ -252,7 +283,7 @@ def greedy_sample(model, hp: HParams, tok, ids: dict[str, int], args, device) ->
     prompt = np.array([[ids["bos"]] + tok.encode(args.prompt).ids], dtype=np.int64)
     Lp, G = prompt.shape[1], args.gen_length
     runs = []
-    if hp.family == "llada":
+    if not hp.spec.shift_logits:  # llada, llada-moe
         out = llada_generate(logits_fn, prompt, mask_id=hp.mask_token_id, steps=G, gen_length=G,
                              block_length=args.block_length, temperature=0.0, remasking="low_confidence")
         runs.append((f"llada low_confidence, steps={G}, gen_length={G}, block_length={args.block_length}, temperature 0", out))
@@ -297,7 +328,9 @@ def main(argv=None) -> None:
     ids = {"eos": eos, "bos": bos, "mask": mask}
     hp = HParams(family=args.family, n_vocab=V, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                  n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, rope_theta=args.rope_theta, norm_eps=args.norm_eps,
-                 mask_token_id=mask, context_length=args.context_length, bos_token_id=bos, eos_token_id=eos)
+                 mask_token_id=mask, context_length=args.context_length, bos_token_id=bos, eos_token_id=eos,
+                 **(dict(n_expert=args.n_expert, n_expert_used=args.n_expert_used, d_ff_exp=args.d_ff_exp)
+                    if args.family == "llada-moe" else {}))
 
     log(f"# train_tiny {args.family}: {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
     log(f"# args {json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})}")
@@ -317,6 +350,7 @@ def main(argv=None) -> None:
     init_weights(model, args.init_std, hp.n_layers)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"# parameters {n_params:,} ({n_params * 2 / 1e6:.2f} MB in bf16)")
+    probs = router_probs(model)
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -373,10 +407,13 @@ def main(argv=None) -> None:
         if torch.rand((), generator=g_len).item() < args.var_len_frac:
             n = int(torch.randint(2, L + 1, (), generator=g_len))
             x, u, net = x[:, :n], u[:, :n], model  # eager: no recompile for odd shapes
+        probs.clear()  # evaluations ran the hooks too
         try:
             with autocast():
                 terms = masked_diffusion_terms(net, x, t, u, mask_id=mask, eps=args.mask_eps, shift=hp.spec.shift_logits)
             loss = terms.sum() / (B * x.shape[1])
+            if probs:
+                loss = loss + args.aux_loss * balance_loss(probs, hp.n_expert_used)
         except Exception as e:
             if fwd is model:
                 raise
