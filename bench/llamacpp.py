@@ -182,7 +182,7 @@ def llama_file(work: Path, f16: Path, key: str, imatrix: str, imat_path: Path | 
         im = read_imatrix(imat_path)
         arr = (L.llama_model_imatrix_data * (len(im.in_sum2) + 1))()
         for i, name in enumerate(im.in_sum2):
-            v = np.ascontiguousarray(im.importance(name), dtype=np.float32)
+            v = np.ascontiguousarray(im.importances(name).reshape(-1), dtype=np.float32)  # experts in order
             keep.append(v)
             arr[i].name, arr[i].data, arr[i].size = name.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
         arr[len(im.in_sum2)].name = None

@@ -55,11 +55,15 @@ class Imatrix:
     model: str = ""  # the model it was made from (its path), "" when unknown (llama-imatrix's files)
     fingerprint: str = ""  # model_fingerprint of that model, "" when unknown
 
-    def importance(self, name: str) -> np.ndarray:
-        """float32 ``[n_in]``: mean ``x_j^2`` per input column (``in_sum2 / counts``, as llama-quantize
-        computes it; 1 where nothing was counted)."""
-        s, c = self.in_sum2[name][0], float(self.counts[name][0])
-        return (s / c).astype(np.float32) if c > 0 else np.ones_like(s, dtype=np.float32)
+    def importances(self, name: str) -> np.ndarray:
+        """float32 ``[n_mat, n_in]``: mean ``x_j^2`` per input column of each matrix (``in_sum2 / counts``, as
+        llama-quantize computes it; 1 for a matrix nothing was counted for, e.g. an expert no token reached)."""
+        s, c = self.in_sum2[name].astype(np.float64), self.counts[name].astype(np.float64)
+        return np.where(c[:, None] > 0, s / np.maximum(c, 1e-30)[:, None], 1.0).astype(np.float32)
+
+    def importance(self, name: str, mat: int = 0) -> np.ndarray:
+        """float32 ``[n_in]``: :meth:`importances` of matrix ``mat`` (an expert of a stacked tensor; 0 when dense)."""
+        return self.importances(name)[mat]
 
     def widths(self) -> dict[str, int]:
         return {n: int(a.shape[-1]) for n, a in self.in_sum2.items()}
@@ -71,9 +75,8 @@ def model_fingerprint(src: HFTensors) -> str:
     rounded to bf16 (so the float32 and bf16 copies of one model agree). Reads a few kilobytes, not the model."""
     hp = src.hparams
     h = hashlib.sha256(json.dumps(hp.to_dict(), sort_keys=True).encode())
-    last = hp.n_layers - 1
-    for name in ("token_embd.weight", "blk.0.attn_q.weight", f"blk.{last}.ffn_down.weight", "output_norm.weight",
-                 "output.weight"):
+    last = f"blk.{hp.n_layers - 1}.ffn_down{'_exps.0' if hp.n_expert else ''}.weight"  # a mixture: its first expert's
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", last, "output_norm.weight", "output.weight"):
         hf = src.hf_name(name)
         f = src.ckpt.file_of(hf)
         raw = f.head(hf, FINGERPRINT_VALUES)

@@ -5,7 +5,9 @@ weighted by activations it never sees while denoising (no mask tokens). Here the
 masked as the model sees them (MCS, ``qdllm_export.calib``) and streamed block by block like the
 quantization pipeline (one float block resident): for every block linear and the LM head,
 ``in_sum2[j] = sum over tokens of x_j^2`` (its input column ``j``) and ``counts = tokens``. The file
-format is ``formats.imatrix``.
+format is ``formats.imatrix``. A mixture's experts are counted as llama-imatrix counts them: only the tokens routed
+to each (no calibration fill), one entry per layer's stacked tensor (``blk.N.ffn_gate_exps.weight``) with a row
+of ``in_sum2`` and a count per expert (0 for an expert no token reached: llama-quantize then weighs it evenly).
 """
 
 from __future__ import annotations
@@ -60,13 +62,14 @@ def collect_imatrix(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "
         if on_layer:
             on_layer(i, hp.n_layers + 1, f"block {i}")
         block = _load_block(src, i, device)
+        if hasattr(getattr(block, "mlp", None), "fill"):
+            block.mlp.fill = False  # an expert's statistics are of its routed tokens only
         acc = _SquareSums(block.linears(), calib.x.device)
         try:
             _run_block(block, calib.x, calib.cos, calib.sin, batch)  # x becomes the next block's input
         finally:
             acc.remove()
-        for r in acc.sums:
-            _put(im, f"blk.{i}.{r}.weight", acc.sums[r], acc.rows[r])
+        _put_block(im, hp, i, acc)
         del block
     if on_layer:
         on_layer(hp.n_layers, hp.n_layers + 1, "output")
@@ -85,12 +88,46 @@ def _put(im: Imatrix, name: str, sums: torch.Tensor, rows: int) -> None:
     im.counts[name] = np.array([rows], dtype=np.float32)
 
 
-def model_widths(model_dir: str | Path) -> dict[str, int]:
-    """llama.cpp name -> n_in of every weight an imatrix of this model holds (block linears, ``output.weight``)."""
+def _put_block(im: Imatrix, hp, i: int, acc: _SquareSums) -> None:
+    """Block ``i``'s entries: one per dense linear; one per stacked expert tensor, experts in order."""
+    from formats.tensors import expert_of
+
+    stacked: dict[str, list[tuple[int, str]]] = {}
+    for r in acc.sums:
+        name = f"blk.{i}.{r}.weight"
+        ex = expert_of(hp, name)
+        if ex is None:
+            _put(im, name, acc.sums[r], acc.rows[r])
+        else:
+            stacked.setdefault(ex[0], []).append((ex[1], r))
+    for name, experts in stacked.items():
+        roles = [r for _, r in sorted(experts)]
+        im.in_sum2[name] = torch.stack([acc.sums[r] for r in roles]).cpu().numpy().astype(np.float32)
+        im.counts[name] = np.array([acc.rows[r] for r in roles], dtype=np.float32)
+
+
+def canonical_importance(im: Imatrix, model_dir: str | Path) -> dict[str, np.ndarray]:
+    """Canonical linear name (an expert's own, ``blk.N.ffn_gate_exps.X.weight``) -> float32 ``[n_in]`` importance
+    of ``im`` (llama.cpp names: an expert is a row of its layer's stacked entry), for the names ``im`` holds."""
     from formats.families import read_config
-    from formats.tensors import canonical_names, canonical_shape, is_linear
+    from formats.tensors import canonical_names, expert_of, is_linear
 
     _, hp, _ = read_config(Path(model_dir))
-    out = {n: canonical_shape(hp, n)[1] for n in canonical_names(hp) if is_linear(hp, n)}
+    out = {}
+    for n in [n for n in canonical_names(hp) if is_linear(hp, n)] + ["output.weight"]:
+        name, mat = expert_of(hp, n) or (n, 0)
+        if name in im.in_sum2:
+            out[n] = im.importance(name, mat)
+    return out
+
+
+def model_widths(model_dir: str | Path) -> dict[str, int]:
+    """llama.cpp name -> n_in of every weight an imatrix of this model holds (block linears, a mixture's experts as
+    their layer's stacked tensor, ``output.weight``)."""
+    from formats.families import read_config
+    from formats.tensors import canonical_names, canonical_shape, expert_of, is_linear
+
+    _, hp, _ = read_config(Path(model_dir))
+    out = {(expert_of(hp, n) or (n,))[0]: canonical_shape(hp, n)[1] for n in canonical_names(hp) if is_linear(hp, n)}
     out["output.weight"] = hp.d_model
     return out

@@ -63,6 +63,7 @@ class PipelineResult:
     block_errors: list[float] = field(default_factory=list)  # relative output error of each quantized block
     recon: list[dict[str, Any]] = field(default_factory=list)  # block-output tuning, per block (quant.recon)
     equalized: list[dict[str, float]] = field(default_factory=list)  # per block: site -> alpha (quant.equalize)
+    coverage: list[dict[str, Any]] = field(default_factory=list)  # per MoE block: calibration routing (_hessians)
     seconds: float = 0.0
 
     def linear_bits_per_weight(self, native: bool = False) -> float:
@@ -229,14 +230,14 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     groups = sequential_groups(roles) if true_sequential else [roles]
     # the float block's H of every linear only where the plan reads them (ABMP); else the first group's
     first = roles if getattr(target, "plan_needs_hessians", True) else groups[0]
-    Hs = collect_hessians(block, first, calib.x, calib.cos, calib.sin, calib.batch) if data else None
+    Hs = _hessians(block, i, first, calib, result) if data else None
     y_ref = _run_block(block, calib.x[: calib.batch].clone(), calib.cos, calib.sin, calib.batch) if data else None
     with phase("plan"):
         plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
     out: dict[str, Any] = {}
     for g, group in enumerate(groups):
         if data and g > 0:
-            Hs.update(collect_hessians(block, group, calib.x, calib.cos, calib.sin, calib.batch))
+            Hs.update(_hessians(block, i, group, calib, result))
         if true_sequential and len(group) > 1 and hasattr(target, "quantize_stacked"):
             names = [f"blk.{i}.{r}.weight" for r in group]
             if on_layer:
@@ -266,6 +267,25 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
         n_ref = y_ref.shape[0]
         result.block_errors.append(float((calib.x[:n_ref] - y_ref).norm() / y_ref.norm()))
     return out
+
+
+def _hessians(block: torch.nn.Module, i: int, roles: list[str], calib: _Calib, result: PipelineResult
+              ) -> dict[str, torch.Tensor]:
+    """``collect_hessians``; where ``roles`` hold a mixture's experts, the routing of that pass (the experts'
+    calibration tokens) is added to ``result.coverage``."""
+    mlp = getattr(block, "mlp", None)
+    counted = bool(result.coverage) and result.coverage[-1]["block"] == i  # the down pass routes as gate / up's did
+    if counted or not hasattr(mlp, "tally") or not any("_exps." in r for r in roles):
+        return collect_hessians(block, roles, calib.x, calib.cos, calib.sin, calib.batch)
+    mlp.tally = {}
+    try:
+        Hs = collect_hessians(block, roles, calib.x, calib.cos, calib.sin, calib.batch)
+        t = mlp.tally
+        result.coverage.append({"block": i, "tokens": t["tokens"], "batches": t["batches"],
+                                "routed": t["routed"].tolist(), "starved_batches": t["starved"].tolist()})
+    finally:
+        mlp.tally = None
+    return Hs
 
 
 def _equalize(block: torch.nn.Module, i: int, target: Target, calib: _Calib, result: PipelineResult) -> None:
@@ -513,6 +533,8 @@ def quantize_checkpoint(
                          {n: _table_record(n, t, src.get(n)) for n, t in done.items()})
         if tuning:
             record["reconstruction"] = {**recon.to_dict(), "blocks": result.recon}
+        if result.coverage:
+            record["expert_coverage"] = result.coverage
         if equalize and target.needs_data:
             record["equalization"] = {"alphas": result.equalized,
                                       "changed": [n for i, e in enumerate(result.equalized) for n in _norm_names(i, e)]}

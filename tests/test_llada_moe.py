@@ -183,13 +183,14 @@ def test_cli_verify_inspect_generate_eval_f16(tmp_path, moe_ckpt, cli):
 
 # ------------------------------------------------------------------------------------------ quantization
 def _starved_checkpoint(tmp_path, d: int, seed: int = 3):
-    """A one-layer mixture (4 experts of ``d``, 2 used) whose router never picks expert 3: its Hessian sees no
+    """A one-layer mixture (4 experts of ``d``, 1 used) whose router never picks expert 3: its router row is the
+    mean of the other three, so its logit never exceeds theirs (ties go to the lower id) and its Hessian sees no
     calibration token."""
     from formats.safetensors_io import write_checkpoint
 
     folder, hp, w = make_checkpoint(tmp_path / f"starved{d}", "llada-moe",
-                                    hp=moe_hparams(d_model=d, d_ff_exp=d, n_layers=1), seed=seed)
-    w["model.layers.0.mlp.gate.weight"][3] = -w["model.layers.0.mlp.gate.weight"][:3].sum(0) * 50  # never in the top 2
+                                    hp=moe_hparams(d_model=d, d_ff_exp=d, n_layers=1, n_expert_used=1), seed=seed)
+    w["model.layers.0.mlp.gate.weight"][3] = w["model.layers.0.mlp.gate.weight"][:3].mean(0)  # never the top 1
     for f in folder.glob("*.safetensors*"):
         f.unlink()
     write_checkpoint(folder, w, 1)
@@ -212,6 +213,15 @@ def test_planes_quantize_per_expert_hessians_and_gguf_parity(tmp_path):
                                    CalibConfig(path=str(calib), n_samples=4, seq_len=32))
     names = {r.name for r in res.layers}
     assert {f"blk.0.ffn_{p}_exps.{x}.weight" for p in ("gate", "up", "down") for x in range(4)} <= names
+    # the coverage of the expert pass: every token routed to k = 1 expert, expert 3 to none (filled in every batch)
+    (cov,) = rec["expert_coverage"]
+    assert (cov["block"], cov["tokens"], sum(cov["routed"])) == (0, 4 * 32, 4 * 32)
+    assert cov["routed"][3] == 0 and cov["starved_batches"][3] == cov["batches"] >= 1
+    from qdllm_export.cli.quantize import coverage_text
+
+    text = coverage_text(rec)
+    assert "blk.0 0.00x-" in text and f"blk.0 expert 3 ({cov['batches']} of {cov['batches']} batches)" in text
+    assert coverage_text({"tensors": {}}) is None
     assert all(np.isfinite(r.rel_weight_error) and r.rel_weight_error < 1.0 for r in res.layers)
     q = QuantizedCheckpoint(tmp_path / "q")
     path = write_gguf(tmp_path / "q.gguf", q, tokenizer=load_tokenizer(folder), outtype="planes")
@@ -221,6 +231,35 @@ def test_planes_quantize_per_expert_hessians_and_gguf_parity(tmp_path):
         ref = load_model(q)(torch.from_numpy(ids)).numpy()
     ours = forward(read_gguf(path).tensors, ids)
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_imatrix_stacks_experts_with_their_routed_counts(tmp_path):
+    """`imatrix` of a mixture: one entry per stacked expert tensor, a row and a count per expert, counted on the
+    routed tokens only as llama-imatrix counts them (no calibration fill: expert 3, never routed, counts 0 and
+    weighs evenly); it round-trips through the file and gives `gguf --imatrix` each expert's own row."""
+    from formats.imatrix import read_imatrix, write_imatrix
+    from qdllm_export.calib import CalibConfig
+    from qdllm_export.imatrix import collect_imatrix, model_widths
+    from qdllm_export.targets.ggml import StockSpec, stock_target
+
+    folder = _starved_checkpoint(tmp_path, 128)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 20)
+    ccfg = CalibConfig(path=str(calib), n_samples=4, seq_len=32)
+    im = read_imatrix(write_imatrix(tmp_path / "im.gguf", collect_imatrix(folder, ccfg)))
+    T = 4 * 32
+    assert set(im.in_sum2) == set(model_widths(folder))
+    assert "blk.0.ffn_gate_exps.weight" in im.in_sum2 and "blk.0.ffn_gate_exps.0.weight" not in im.in_sum2
+    for p, width in (("gate", 128), ("up", 128), ("down", 128)):
+        s2, c = im.in_sum2[f"blk.0.ffn_{p}_exps.weight"], im.counts[f"blk.0.ffn_{p}_exps.weight"]
+        assert s2.shape == (4, width) and c.tolist()[3] == 0 and c.sum() == T  # k = 1 expert a token
+        assert np.all(im.importances(f"blk.0.ffn_{p}_exps.weight")[3] == 1.0)
+    np.testing.assert_array_equal(im.in_sum2["blk.0.ffn_gate_exps.weight"], im.in_sum2["blk.0.ffn_up_exps.weight"])
+    assert im.counts["blk.0.attn_q.weight"].tolist() == [T]
+    target = stock_target(folder, StockSpec("q2_k", None, "gptq", True, str(tmp_path / "im.gguf")), ccfg)
+    for x in range(4):
+        np.testing.assert_array_equal(target.importance[f"blk.0.ffn_down_exps.{x}.weight"],
+                                      im.importance("blk.0.ffn_down_exps.weight", x))
 
 
 def test_q2_k_file_stacks_one_type_and_runs_in_llama_cpp(tmp_path, cli):

@@ -23,7 +23,7 @@ from formats.gguf import EMBED_CHOICES, OUTTYPES, PLANES, STOCK_TYPES, canonical
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, block_progress, console
 from qdllm_export.cli.export import export_source, print_closing, quant_options_given, with_quant_options
-from qdllm_export.cli.quantize import tuning
+from qdllm_export.cli.quantize import print_coverage, tuning
 from qdllm_export.targets.tables import TablesSpec
 
 NOT_OFFERED = {  # ggml types someone may ask for, and why they are not outtypes
@@ -155,6 +155,7 @@ def stock_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
         with block_progress() as on_layer:
             _, rec = quantize_stock(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer,
                                     tables=tables, **tuning(q["tune_iters"], q["equalize"], q["seed"]))
+        print_coverage(rec, stderr=True)
         meta = {"target": "ggml", "method": rec["method"], "rounding": spec.rounding if not imatrix else "importance",
                 "true_sequential": true_sequential, "bits_per_weight_linear": rec["bits_per_weight_linear"],
                 "calibration": "imatrix" if imatrix else "none" if rounding == "rtn" and outtype != "auto" else

@@ -21,7 +21,7 @@ from formats.errors import QdllmError
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, block_progress
 from qdllm_export.cli.export import export_source, print_closing, quant_options_given, with_quant_options
-from qdllm_export.cli.quantize import tuning
+from qdllm_export.cli.quantize import print_coverage, tuning
 
 KERNELS = ("function", "matmulnbits")
 NBITS_OUTTYPES = ("int2", "int4", "int8", "auto")
@@ -169,6 +169,7 @@ def nbits_source(model: str, out: Path, force: bool, outtype: str, bpw: float | 
         with block_progress() as on_layer:
             _, rec = quantize_nbits(folder, tmp / "q", spec, ccfg, device=q["device"], force=True, on_layer=on_layer,
                                     tables=tables, **tuning(q["tune_iters"], q["equalize"], q["seed"]))
+        print_coverage(rec, stderr=True)
         meta = {"target": "nbits", "method": rec["method"], "outtype": outtype, "block_size": block_size,
                 "bits_per_weight_linear": rec["bits_per_weight_linear"], **({"bpw": bpw} if bpw is not None else {})}
         yield QuantizedCheckpoint(tmp / "q"), load_tokenizer(folder), meta

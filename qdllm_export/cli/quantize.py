@@ -12,7 +12,7 @@ from rich.table import Table
 from formats.errors import QdllmError
 from formats.gguf import DEFAULT_EMBED, EMBED_CHOICES
 from qdllm_export.cli import checks
-from qdllm_export.cli.app import app, block_progress, console
+from qdllm_export.cli.app import app, block_progress, console, console_err
 
 METHOD_HELP = "quant-dllm (MCS + DAQ + ABMP) | gptq | rtn."
 TUNE_HELP = ("Block-output tuning: signed-gradient steps per transformer block that re-round the fitted codes against the "
@@ -78,6 +78,29 @@ def summary_table(result, title: str, record: dict | None = None) -> Table:
     return t
 
 
+def coverage_text(record: dict) -> str | None:
+    """One line on a mixture's calibration: tokens routed to each expert per block (min-max share of an even split
+    ``tokens * k / E``), and the experts the calibration fill damped toward the pooled Hessian; None when dense."""
+    cov = record.get("expert_coverage")
+    if not cov:
+        return None
+    shares, starved = [], []
+    for c in cov:
+        fair = max(sum(c["routed"]), 1) / len(c["routed"])
+        shares.append(f"blk.{c['block']} {min(c['routed']) / fair:.2f}x-{max(c['routed']) / fair:.2f}x")
+        starved += [f"blk.{c['block']} expert {e} ({n} of {c['batches']} batches)"
+                    for e, n in enumerate(c["starved_batches"]) if n]
+    fill = "; filled toward the pooled Hessian: " + ", ".join(starved) if starved else "; no expert was starved"
+    return "expert coverage (calibration tokens per expert, min-max share of an even split): " + ", ".join(shares) + fill
+
+
+def print_coverage(record: dict, stderr: bool = False) -> None:
+    """:func:`coverage_text` on stdout (``stderr``: on stderr, where stdout may be --json)."""
+    text = coverage_text(record)
+    if text:
+        (console_err if stderr else console).print(text, soft_wrap=True)
+
+
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Hugging Face checkpoint folder (LLaDA or Dream) or tiny-llada / tiny-dream."),
@@ -127,6 +150,7 @@ def quantize(
                           "tensors": record["tensors"]}))
         return
     console.print(summary_table(result, f"{method} {bits:g} bits", record))
+    print_coverage(record)
     console.print(f"wrote {out_dir}", soft_wrap=True)  # a path is never wrapped inside a table title
     native = record["bits_per_weight_linear_native"]
     own = f" ({native:.3f} in {method}'s own packing: codes + fp16 scale and zero per group)" if native else ""

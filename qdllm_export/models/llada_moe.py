@@ -80,6 +80,7 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         self.fill = fill
         self.last_counts: torch.Tensor | None = None  # tokens routed to each expert by the last forward
         self.filled: list[int] = []  # experts the last forward filled (calibration)
+        self.tally: dict[str, torch.Tensor | int] | None = None  # set by the pipeline: see :meth:`add_tally`
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
@@ -88,6 +89,8 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         out = torch.zeros_like(x)
         counts = torch.bincount(idx.reshape(-1), minlength=len(self.experts))
         self.last_counts = counts
+        if self.tally is not None:
+            self.add_tally(counts, x.shape[0])
         for e in torch.nonzero(counts).reshape(-1).tolist():
             rows, slot = torch.nonzero(idx == e, as_tuple=True)
             y = self.experts[e](x[rows])
@@ -95,6 +98,20 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         if self.fill:
             self._fill(x, counts)
         return out.reshape(shape)
+
+    def add_tally(self, counts: torch.Tensor, n: int) -> None:
+        """Accumulate into ``tally``: ``tokens`` (int), ``batches`` (int), ``routed`` long ``[E]`` (tokens routed to
+        each expert) and ``starved`` long ``[E]`` (batches in which an expert got under ``FILL_SHARE`` of its fair
+        share ``n * k / E``: those the calibration fill damps toward the pooled Hessian)."""
+        t = self.tally
+        E = len(self.experts)
+        starved = (counts < FILL_SHARE * n * self.top_k / E).long().cpu()
+        if not t:
+            t.update(tokens=0, batches=0, routed=torch.zeros(E, dtype=torch.long), starved=torch.zeros(E, dtype=torch.long))
+        t["tokens"] += n
+        t["batches"] += 1
+        t["routed"] += counts.cpu()
+        t["starved"] += starved
 
     @torch.no_grad()
     def _fill(self, x: torch.Tensor, counts: torch.Tensor) -> None:

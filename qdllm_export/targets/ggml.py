@@ -276,13 +276,12 @@ def stock_target(model_dir: str | Path, spec: StockSpec, ccfg: CalibConfig, *, d
     if spec.imatrix:
         from formats.imatrix import check_imatrix, model_fingerprint, read_imatrix
         from formats.tensors import HFTensors
-        from qdllm_export.imatrix import model_widths
+        from qdllm_export.imatrix import canonical_importance, model_widths
 
         im = read_imatrix(spec.imatrix)
-        widths = model_widths(model_dir)
-        check_imatrix(im, widths, f"--imatrix {spec.imatrix}", str(model_dir), optional=("output.weight",),
+        check_imatrix(im, model_widths(model_dir), f"--imatrix {spec.imatrix}", str(model_dir), optional=("output.weight",),
                       fingerprint=model_fingerprint(HFTensors(model_dir)))
-        target = ImatrixTarget(target, {n: im.importance(n) for n in widths if n in im.in_sum2}, str(spec.imatrix))
+        target = ImatrixTarget(target, canonical_importance(im, model_dir), str(spec.imatrix))
     return target
 
 
