@@ -262,6 +262,27 @@ def test_imatrix_stacks_experts_with_their_routed_counts(tmp_path):
                                       im.importance("blk.0.ffn_down_exps.weight", x))
 
 
+def test_llama_cpp_quantizes_a_mixture_with_our_imatrix(tmp_path, cli):
+    """llama.cpp's IQ2_XS (which refuses to run without an imatrix entry of ``n_in * n_expert`` values for a 3-D
+    tensor) quantizes our f16 mixture with our imatrix: the stacked entries fit llama.cpp's experts."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    from bench.llamacpp import llama_file
+
+    folder = _starved_checkpoint(tmp_path, 256)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 20)
+    for args in (("gguf", folder, tmp_path / "f16.gguf", "--outtype", "f16"),
+                 ("imatrix", folder, tmp_path / "im.gguf", "--calib", calib, "--calib-samples", "4", "--seq-len", "32")):
+        code, _, err = cli(*args)
+        assert code == 0, err
+    assert llama_file(tmp_path, tmp_path / "f16.gguf", "iq2_xs", "none", None) is None  # no imatrix: refused
+    out = llama_file(tmp_path, tmp_path / "f16.gguf", "iq2_xs", "ours", tmp_path / "im.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "IQ2_XS" and types["blk.0.attn_q.weight"] == "IQ2_XS"
+
+
 def test_q2_k_file_stacks_one_type_and_runs_in_llama_cpp(tmp_path, cli):
     """gguf --outtype q2_k of a float mixture: the experts of a layer are one 3-D Q2_K tensor llama.cpp runs."""
     pytest.importorskip("llama_cpp")
