@@ -30,23 +30,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, md_table, write_section  # noqa: E402
-from formats.families import LLADA, HParams  # noqa: E402
+from formats.families import HParams  # noqa: E402
 from formats.safetensors_io import write_safetensors  # noqa: E402
 
 SHAPES = {
     "llada-8b": dict(n_vocab=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=12288),
     "small": dict(n_vocab=32768, d_model=1024, n_layers=8, n_heads=16, n_kv_heads=16, d_ff=3072),
     "small-deep": dict(n_vocab=32768, d_model=1024, n_layers=32, n_heads=16, n_kv_heads=16, d_ff=3072),
+    # LLaDA-MoE-7B-A1B as our sources give it (research/formats.md: mask id 156895; experts as OLMoE-1B-7B, its
+    # base: 64 experts of 1024, 8 a token, d 2048, 16 blocks): 7.3 B parameters, 1.4 B active
+    "llada-moe-7b-a1b": dict(family="llada-moe", n_vocab=157184, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16,
+                             d_ff=8192, n_expert=64, n_expert_used=8, d_ff_exp=1024),
 }
+SHAPES["small-moe"] = dict(family="llada-moe", n_vocab=4096, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512,
+                          n_expert=8, n_expert_used=2, d_ff_exp=256)  # a CPU smoke run of the MoE path
+MASK_IDS = {126464: 126336, 157184: 156895}  # LLaDA-8B's and LLaDA-MoE's; else the last id
+ROPE = {"llada": 500000.0, "llada-moe": 50000.0}
 
 
 def write_random_checkpoint(folder: Path, hp: HParams, device: str, seed: int = 0) -> int:
-    """Random N(0, 0.02) bf16 weights (norms 1) in LLaDA's published layout, one shard per block."""
+    """Random N(0, 0.02) bf16 weights (norms 1) in the family's published layout, one shard per block."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(seed)
-    expected = LLADA.expected(hp)
+    expected = hp.spec.expected(hp)
     groups: dict[str, list[str]] = {}
     for hf, (_, i, _) in expected.items():
         groups.setdefault("rest" if i is None else f"{i:03d}", []).append(hf)
@@ -68,7 +76,7 @@ def write_random_checkpoint(folder: Path, hp: HParams, device: str, seed: int = 
         del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     eos = 126081 if hp.n_vocab == 126464 else hp.n_vocab - 3  # LLaDA-8B's ids, or the last ids of a smaller vocab
-    cfg = LLADA.config_from_hparams(hp, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos - 1, torch_dtype="bfloat16")
+    cfg = hp.spec.config_from_hparams(hp, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos - 1, torch_dtype="bfloat16")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     tok = ROOT / "qdllm_export" / "data" / "tiny-llada" / "tokenizer.json"
     (folder / "tokenizer.json").write_bytes(tok.read_bytes())
@@ -209,8 +217,9 @@ def main() -> None:
     full_layers = shape["n_layers"]
     if a.layers:
         shape["n_layers"] = a.layers
-    mask = 126336 if shape["n_vocab"] == 126464 else shape["n_vocab"] - 1
-    hp = HParams(family="llada", rope_theta=500000.0, norm_eps=1e-5, mask_token_id=mask, context_length=4096, **shape)
+    family = shape.pop("family", "llada")
+    hp = HParams(family=family, rope_theta=ROPE[family], norm_eps=1e-5, context_length=4096,
+                 mask_token_id=MASK_IDS.get(shape["n_vocab"], shape["n_vocab"] - 1), **shape)
     ckpt = a.workdir / "ckpt"
     t0 = time.time()
     index = ckpt / "model.safetensors.index.json"
@@ -237,7 +246,7 @@ def main() -> None:
         m = res["marks"]
         res.update(verb=a.verb, args=a.gguf, layers=shape["n_layers"], full_layers=full_layers,
                    block_seconds_all=[b - x for x, b in zip(m, m[1:])])
-    n_params = sum(int(np.prod(s)) for _, _, s in LLADA.expected(hp).values())
+    n_params = sum(int(np.prod(s)) for _, _, s in hp.spec.expected(hp).values())
     res.update(shape=a.shape, device=a.device, machine=machine(), n_params=n_params, checkpoint_gb=size / 2**30,
                calibration=f"{a.samples} x {a.seq_len} tokens", write_seconds=t_write)
     a.out.write_text(json.dumps(res, indent=1))
