@@ -121,7 +121,8 @@ def run(a: argparse.Namespace) -> None:
                 path, rec = (llama if kind in LLAMA else ours)(folder, kind, ccfg, tmp)
                 row = dict(model=a.model, kind=kind, seed=seed, dnll=nll(open_model(path), windows) - base, base=base,
                            bits_per_weight_linear=rec["bits_per_weight_linear"], seconds=time.time() - t0,
-                           coverage=rec.get("expert_coverage"), windows=a.windows, mc=a.mc, threads=a.threads)
+                           coverage=rec.get("expert_coverage"), windows=a.windows, mc=a.mc, threads=a.threads,
+                           note=a.note)
                 print(json.dumps({k: v for k, v in row.items() if k != "coverage"}), flush=True)
                 if a.results:
                     with open(a.results, "a") as f:
@@ -144,6 +145,7 @@ def report(_: argparse.Namespace) -> None:
             spread = f" ({min(d):+.3f} to {max(d):+.3f})" if len(d) > 1 else ""
             table.append([model, LABELS[kind], f"{sel[0]['bits_per_weight_linear']:.3f}",
                           f"{statistics.mean(d):+.4f}{spread}", len(d), f"{statistics.mean(r['seconds'] for r in sel):.0f}"])
+    notes = "".join(f"\n\n{m}: {n}" for m, n in sorted({(r["model"], r["note"]) for r in rows if r.get("note")}))
     cov = next((r["coverage"] for r in rows if r.get("coverage")), None)
     cov_text = ""
     if cov:
@@ -157,7 +159,7 @@ def report(_: argparse.Namespace) -> None:
             "block-output tuning; evaluated in PyTorch. llama.cpp: `llama_model_quantize`'s Q2_K recipe of our f16 "
             "GGUF (its own mix: Q2_K with Q3_K / Q4_K for attn_v, attn_output, ffn_down), evaluated by qdllm's NumPy "
             "forward of the file. Mean over calibration seeds, range in brackets; per row in `docs/results/moe.jsonl`.\n\n"
-            + md_table(["model", "file", "bits/w linears", "ΔNLL", "seeds", "seconds"], table) + cov_text)
+            + md_table(["model", "file", "bits/w linears", "ΔNLL", "seeds", "seconds"], table) + notes + cov_text)
     write_section("moe", body)
 
 
@@ -172,6 +174,7 @@ def main() -> None:
     r.add_argument("--windows", type=int, default=64)
     r.add_argument("--mc", type=int, default=4)
     r.add_argument("--calib-samples", type=int, default=128)
+    r.add_argument("--note", default="", help="what the model is (kept with each row, printed by report)")
     r.add_argument("--results", default=str(RESULTS), help="JSONL to append rows to ('' for none: a smoke run)")
     sub.add_parser("report")
     a = ap.parse_args()
