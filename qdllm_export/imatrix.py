@@ -113,11 +113,12 @@ def canonical_importance(im: Imatrix, model_dir: str | Path) -> dict[str, np.nda
     from formats.tensors import canonical_names, expert_of, is_linear
 
     _, hp, _ = read_config(Path(model_dir))
+    rows = {name: im.importances(name) for name in im.in_sum2}  # each entry once, not once per expert
     out = {}
     for n in [n for n in canonical_names(hp) if is_linear(hp, n)] + ["output.weight"]:
         name, mat = expert_of(hp, n) or (n, 0)
-        if name in im.in_sum2:
-            out[n] = im.importance(name, mat)
+        if name in rows:
+            out[n] = rows[name][mat]
     return out
 
 

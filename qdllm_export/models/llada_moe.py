@@ -99,13 +99,17 @@ class LLaDAMoESparseMoeBlock(nn.Module):
             self._fill(x, counts)
         return out.reshape(shape)
 
+    def _fair(self, n: int) -> float:
+        """An expert's fair share of ``n`` tokens: ``n * k / E`` routed slots."""
+        return n * self.top_k / len(self.experts)
+
     def add_tally(self, counts: torch.Tensor, n: int) -> None:
         """Accumulate into ``tally``: ``tokens`` (int), ``batches`` (int), ``routed`` long ``[E]`` (tokens routed to
         each expert) and ``starved`` long ``[E]`` (batches in which an expert got under ``FILL_SHARE`` of its fair
         share ``n * k / E``: those the calibration fill damps toward the pooled Hessian)."""
         t = self.tally
         E = len(self.experts)
-        starved = (counts < FILL_SHARE * n * self.top_k / E).long().cpu()
+        starved = (counts < FILL_SHARE * self._fair(n)).long().cpu()
         if not t:
             t.update(tokens=0, batches=0, routed=torch.zeros(E, dtype=torch.long), starved=torch.zeros(E, dtype=torch.long))
         t["tokens"] += n
@@ -116,7 +120,7 @@ class LLaDAMoESparseMoeBlock(nn.Module):
     @torch.no_grad()
     def _fill(self, x: torch.Tensor, counts: torch.Tensor) -> None:
         n = x.shape[0]
-        fair = n * self.top_k / len(self.experts)
+        fair = self._fair(n)
         self.filled = [e for e, c in enumerate(counts.tolist()) if c < FILL_SHARE * fair]
         for e in self.filled:
             s = ((fair - int(counts[e])) / n) ** 0.5
