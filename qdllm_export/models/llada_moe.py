@@ -91,10 +91,18 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         self.last_counts = counts
         if self.tally is not None:
             self.add_tally(counts, x.shape[0])
-        for e in torch.nonzero(counts).reshape(-1).tolist():
-            rows, slot = torch.nonzero(idx == e, as_tuple=True)
+        # routed slots grouped by expert, tokens ascending within each (a stable sort of the flat [T * k] ids):
+        # one host sync for the counts instead of one per expert
+        order = torch.sort(idx.reshape(-1), stable=True).indices
+        rows_all, slot_all = order // self.top_k, order % self.top_k
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c == 0:
+                continue
+            rows, slot = rows_all[start : start + c], slot_all[start : start + c]
+            start += c
             y = self.experts[e](x[rows])
-            out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+            out.index_add_(0, rows, (y * w[rows, slot, None].to(y.dtype)).to(out.dtype))  # autocast: y may be bf16
         if self.fill:
             self._fill(x, counts)
         return out.reshape(shape)
