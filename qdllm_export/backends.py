@@ -22,7 +22,7 @@ from formats.tokenizer import load_tokenizer
 from runtime_ref.backend import Backend, shift_right
 
 DATA = Path(__file__).parent / "data"
-BUNDLED = ("tiny-llada", "tiny-dream")
+BUNDLED = ("tiny-llada", "tiny-dream", "tiny-llada-moe")
 
 
 def resolve(model: str) -> Path:

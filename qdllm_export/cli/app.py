@@ -12,7 +12,7 @@ app = typer.Typer(
     name="qdllm-export",
     help="Quantize diffusion LLMs (LLaDA, Dream) to ~2 bits per weight, export GGUF / ONNX, and verify them "
     "against PyTorch. MODEL is a Hugging Face checkpoint folder, a quantized checkpoint folder, a .gguf or "
-    ".onnx file, or a bundled model: tiny-llada, tiny-dream.",
+    ".onnx file, or a bundled model: tiny-llada, tiny-dream, tiny-llada-moe.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -33,7 +33,7 @@ def text_token_windows(tokenizer, path: Path, seq_len: int, max_windows: int | N
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="Checkpoint folder, quantized folder, .gguf, .onnx, or tiny-llada / tiny-dream."),
+    model: str = typer.Argument(..., help="Checkpoint folder, quantized folder, .gguf, .onnx, or a bundled model (tiny-llada, tiny-dream, tiny-llada-moe)."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Text (or JSONL with 'text') file. Default: the bundled Shakespeare validation text."),
     seq_len: int = typer.Option(128, min=2, help="Tokens per window."),
     max_windows: Optional[int] = typer.Option(32, help="Use at most this many windows (0 or less: all)."),

@@ -17,7 +17,7 @@ from runtime_ref.sampler import DREAM_ALGS, LLADA_REMASKING
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="Checkpoint folder, quantized folder, .gguf, .onnx, or tiny-llada / tiny-dream."),
+    model: str = typer.Argument(..., help="Checkpoint folder, quantized folder, .gguf, .onnx, or a bundled model (tiny-llada, tiny-dream, tiny-llada-moe)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (encoded with the model's tokenizer, BOS first)."),
     prompt_ids_: Optional[str] = typer.Option(None, "--prompt-ids", help="Prompt as comma-separated token ids, e.g. 12,7,99."),
     gen_length: int = typer.Option(64, min=1, help="Number of tokens to generate."),

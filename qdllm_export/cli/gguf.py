@@ -55,7 +55,7 @@ def rounding_option(value: Optional[str]) -> Optional[str]:
 @app.command("gguf")
 @with_quant_options
 def gguf_(
-    model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or tiny-llada / tiny-dream."),
+    model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or a bundled model (tiny-llada, tiny-dream, tiny-llada-moe)."),
     out: Path = typer.Argument(..., help="Output .gguf path (written to a temporary file, renamed at the end)."),
     outtype: str = typer.Option(PLANES, callback=outtype_option, help="planes (binary planes: qdllm runtimes only; old name 'quantized') | stock llama.cpp types: q2_k q3_k q4_k q5_k q6_k q8_0 iq2_xs iq2_s iq3_s, auto (with --bpw) | f16 | f32."),
     bpw: Optional[float] = typer.Option(None, callback=checks.finite, help="--outtype auto: mean stored bits per weight of the block linears, e.g. 2.5; reachable: about 2.31 (iq2_xs everywhere) to 8.5 (q8_0 everywhere), as the model's widths allow (a budget outside is refused, naming the nearest reachable one)."),

@@ -16,7 +16,7 @@ from qdllm_export.cli.app import app, console, progress
 
 @app.command("imatrix")
 def imatrix(
-    model: str = typer.Argument(..., help="Float Hugging Face checkpoint folder (LLaDA or Dream) or tiny-llada / tiny-dream."),
+    model: str = typer.Argument(..., help="Float Hugging Face checkpoint folder (LLaDA, Dream or LLaDA-MoE) or a bundled model (tiny-llada, tiny-dream, tiny-llada-moe)."),
     out: Path = typer.Argument(..., help="Output imatrix file (llama.cpp's GGUF imatrix format, e.g. model.imatrix.gguf)."),
     calib: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Calibration text or JSONL file (default: bundled Shakespeare train text)."),
     calib_samples: int = typer.Option(128, min=1, help="Calibration windows (imatrix chunks)."),

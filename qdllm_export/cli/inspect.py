@@ -12,7 +12,7 @@ from qdllm_export.cli.app import app, console
 
 @app.command("inspect")
 def inspect_(
-    model: str = typer.Argument(..., help="Checkpoint folder, quantized folder, .gguf, .onnx, or tiny-llada / tiny-dream."),
+    model: str = typer.Argument(..., help="Checkpoint folder, quantized folder, .gguf, .onnx, or a bundled model (tiny-llada, tiny-dream, tiny-llada-moe)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     tensors: bool = typer.Option(True, help="List every tensor."),
 ) -> None:

@@ -48,7 +48,7 @@ def _block_size(value: Optional[int]) -> Optional[int]:
 @app.command("onnx")
 @with_quant_options
 def onnx_(
-    model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or tiny-llada / tiny-dream."),
+    model: str = typer.Argument(..., help="Checkpoint folder (quantized first), quantized checkpoint folder, or a bundled model (tiny-llada, tiny-dream, tiny-llada-moe)."),
     out: Path = typer.Argument(..., help="Output .onnx path (models over ~1.8 GB get OUT.onnx.data beside it)."),
     outtype: str = typer.Option("planes", callback=_outtype,
                                 help="planes (binary planes as qdllm ops; old name: quantized) | int2 | int4 | int8 | auto "

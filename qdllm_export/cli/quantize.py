@@ -103,7 +103,7 @@ def print_coverage(record: dict, stderr: bool = False) -> None:
 
 @app.command()
 def quantize(
-    model: str = typer.Argument(..., help="Hugging Face checkpoint folder (LLaDA or Dream) or tiny-llada / tiny-dream."),
+    model: str = typer.Argument(..., help="Hugging Face checkpoint folder (LLaDA, Dream or LLaDA-MoE) or a bundled model (tiny-llada, tiny-dream, tiny-llada-moe)."),
     out_dir: Path = typer.Argument(..., help="Output folder for the quantized checkpoint (must not exist unless --force)."),
     method: str = typer.Option("quant-dllm", help=METHOD_HELP),
     bits: float = typer.Option(2.0, callback=checks.finite, help="Budget: mean binary planes per block for quant-dllm (e.g. 1.5, 2, 3); integer bits for rtn/gptq."),
