@@ -78,6 +78,28 @@ def test_committed_planes_decode_to_the_tuned_values():
         np.testing.assert_array_equal(getattr(t.commit(X), f), getattr(res.qt, f))
 
 
+@pytest.mark.parametrize("name", ["q2_k", "q4_k", "q6_k", "int2", "int4", "iq2_xs"])
+def test_stacked_rounding_is_each_members_own(name):
+    """Tuning rounds the linears of one grid and width (a mixture's experts, a block's q/k/v/o) as one matrix;
+    the values are each member's own ``nearest``, bit for bit (the lattice types stay a stack of one)."""
+    from qdllm_export.quant.recon import _stacks
+
+    tun = {}
+    for k, n_out in enumerate((16, 8, 24)):
+        W, H = _data(n_out=n_out, seed=10 + k)
+        grid = _grid(name, W.shape[1])
+        res = grid_quantize(W, H, grid, GridConfig(), name=name, pack=False, keep_targets=True)
+        tun[f"r{k}"] = GridTunable(grid, res.states, res.targets, f"r{k}")
+    moved = {r: _moved(t, seed=5) for r, t in tun.items()}
+    want = {r: t.nearest(moved[r]) for r, t in tun.items()}
+    stacks = _stacks(tun)
+    assert len(stacks) == (3 if name.startswith("iq") else 1)
+    for st in stacks:
+        got = st.split(st.nearest(torch.cat([moved[r] for r in st.roles])))
+        for r, v in got.items():
+            np.testing.assert_array_equal(v.numpy(), want[r].numpy())
+
+
 def _toy_block(seed: int = 0):
     """y = x + W2 silu(W1 x): two linears whose errors meet at the output; inputs [N, L, d]."""
     g = torch.Generator().manual_seed(seed)

@@ -211,6 +211,11 @@ class GGMLGrid:
             st.q, st.cols = idx.view(n, -1).to(torch.uint8), None
         return self.value(idx, dl[..., None], ml[..., None]).view(n, -1)
 
+    def stack_states(self, states: list[GGMLState]) -> GGMLState:
+        """One state whose rows are those of ``states`` in order (``requant`` is row-wise; block-output tuning
+        rounds many blocks and experts in one call)."""
+        return GGMLState(*(torch.cat([getattr(st, f) for st in states]) for f in ("d", "dmin", "sc", "m", "q")))
+
     def steps(self, st: GGMLState) -> torch.Tensor:
         """The spacing of neighbouring stored values ``[n, block]`` (mean spacing for non-uniform levels)."""
         lev = self.spec.levels

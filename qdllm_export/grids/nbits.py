@@ -111,6 +111,10 @@ class NBitsGrid:
             state.q = q
         return (q - state.z[:, None]) * state.s[:, None]
 
+    def stack_states(self, states: list[NBitsState]) -> NBitsState:
+        """One state whose rows are those of ``states`` in order (``requant`` is row-wise)."""
+        return NBitsState(*(torch.cat([getattr(st, f) for st in states]) for f in ("s", "z", "q")))
+
     def steps(self, state: NBitsState) -> torch.Tensor:
         """The spacing of neighbouring stored values ``[n, block]``: the scale."""
         return state.s[:, None].expand(-1, self.block)

@@ -124,6 +124,54 @@ def _block_loss(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     return tot / y.numel()
 
 
+class _Stack:
+    """Tunables tuned as one matrix ``[sum n_out, n_in]``: the rows of every member in order. Members on one
+    grid that can stack its states (``stack_states``: the ggml scalar types, MatMulNBits) are rounded in one
+    ``requant`` a step, each member's column blocks taken as further rows of one merged state (a mixture's
+    experts and a wide linear's blocks would otherwise cost a few small kernels each, every step); any other
+    tunable (planes, the lattice types) is a stack of one that rounds through its own ``nearest``. Rounding is
+    row-wise, so the values are those of each member's ``nearest``, bit for bit."""
+
+    def __init__(self, members: list[tuple[str, Tunable]]):
+        ts = [t for _, t in members]
+        self.roles, self.sizes = [r for r, _ in members], [t.start.shape[0] for t in ts]
+        self.start = ts[0].start if len(ts) == 1 else torch.cat([t.start for t in ts])
+        self.step = ts[0].step if len(ts) == 1 else torch.cat([t.step for t in ts])
+        for t, a, b in zip(ts, self.start.split(self.sizes), self.step.split(self.sizes)):
+            t.start, t.step = a, b  # views of the stacked rows: no second copy on the device
+        self.bound, self.lr_scale, self.only = ts[0].bound, ts[0].lr_scale, ts[0] if len(ts) == 1 else None
+        self.grid = getattr(ts[0], "grid", None)
+        if hasattr(self.grid, "stack_states"):
+            self.nb = len(ts[0].states)
+            self.state = self.grid.stack_states([t.states[j] for j in range(self.nb) for t in ts])
+            self.only = None
+
+    @staticmethod
+    def key(role: str, t: Tunable) -> tuple:
+        g = getattr(t, "grid", None)
+        if not hasattr(g, "stack_states"):
+            return ("own", role)
+        return (type(g), g.name, g.block, len(t.states), t.bound, t.lr_scale)
+
+    def nearest(self, X: torch.Tensor) -> torch.Tensor:
+        if self.only is not None:
+            return self.only.nearest(X)
+        N, B = X.shape[0], self.grid.block
+        Y = self.grid.requant(self.state, X.reshape(N, self.nb, B).transpose(0, 1).reshape(self.nb * N, B))
+        return Y.view(self.nb, N, B).transpose(0, 1).reshape(N, self.nb * B)
+
+    def split(self, W: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.roles, torch.split(W, self.sizes)))
+
+
+def _stacks(tunables: dict[str, Tunable]) -> list[_Stack]:
+    groups: dict[tuple, list[tuple[str, Tunable]]] = {}
+    for r, t in tunables.items():
+        k = _Stack.key(r, t)
+        groups.setdefault(k, []).append((r, t))
+    return [_Stack(m) for m in groups.values()]
+
+
 def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], tunables: dict[str, Tunable],
                 fitted: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, cfg: ReconConfig
                 ) -> tuple[dict[str, torch.Tensor] | None, ReconReport]:
@@ -135,7 +183,8 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     ``X`` to ``commit``, or None when the tuned codes do not lower the loss over all of ``x``; the report)."""
     roles = list(tunables)
     before = _block_loss(run, fitted, x, y, cfg.batch)
-    V = {r: torch.zeros_like(t.start, requires_grad=True) for r, t in tunables.items()}
+    stacks = _stacks(tunables)
+    V = [torch.zeros_like(st.start, requires_grad=True) for st in stacks]
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     iters = cfg.steps_for(tunables)
     lr0 = cfg.step_size(iters)
@@ -143,22 +192,20 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
         idx = torch.randint(0, x.shape[0], (min(cfg.batch, x.shape[0]),), generator=g).to(x.device)
         weights = dict(fitted)
         with phase("recon:nearest"):
-            for r, t in tunables.items():
-                X = t.start + V[r] * t.step
-                weights[r] = X + (t.nearest(X.detach()) - X).detach()  # straight through the rounding
+            for st, v in zip(stacks, V):
+                X = st.start + v * st.step
+                weights.update(st.split(X + (st.nearest(X.detach()) - X).detach()))  # straight through the rounding
         with phase("recon:grad"):
             loss = (run(x[idx], weights) - y[idx]).square().mean()
-            # an expert no token of this minibatch is routed to has no gradient
-            grads = torch.autograd.grad(loss, [V[r] for r in roles], allow_unused=True)
+            # an expert no token of this minibatch is routed to has no gradient (zero where stacked)
+            grads = torch.autograd.grad(loss, V, allow_unused=True)
         lr = lr0 * (1.0 - it / iters)
         with torch.no_grad():
-            for r, gr in zip(roles, grads):
-                if gr is None:
-                    continue
-                t = tunables[r]
-                V[r].sub_(lr * t.lr_scale * torch.sign(gr)).clamp_(-t.bound, t.bound)
+            for st, v, gr in zip(stacks, V, grads):
+                if gr is not None:
+                    v.sub_(lr * st.lr_scale * torch.sign(gr)).clamp_(-st.bound, st.bound)
     with torch.no_grad():
-        points = {r: t.start + V[r] * t.step for r, t in tunables.items()}
+        points = {r: X for st, v in zip(stacks, V) for r, X in st.split(st.start + v * st.step).items()}
         tuned = {**fitted, **{r: tunables[r].nearest(points[r]) for r in roles}}
         after = _block_loss(run, tuned, x, y, cfg.batch)
     kept = after < before
