@@ -104,14 +104,14 @@ print("RESULT " + json.dumps(out), flush=True)
 CHILD_GGUF = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-import qdllm_export.pipeline as P
+import qdllm_export.block_pass as B  # patched before anything imports load_block by name
 marks = []
-_load = P._load_block
+_load = B.load_block
 def _timed(*a, **k):
     marks.append(time.time())
     print(f"MARK {marks[-1] - t0:.1f} s: {k.get('pass_name', 'quantize')} block {a[1]}", file=sys.stderr, flush=True)
     return _load(*a, **k)
-P._load_block = _timed
+B.load_block = _timed
 from qdllm_export.cli import main
 t0 = time.time()
 src, dst, device, n, L = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]

@@ -50,7 +50,8 @@ def collect_imatrix(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "
                     on_layer: OnLayer | None = None) -> Imatrix:
     """The imatrix of the float checkpoint at ``model_dir`` on the calibration windows of ``ccfg``
     (``ccfg.mcs``: MCS-masked, else plain text as llama-imatrix sees it)."""
-    from qdllm_export.pipeline import _calibration, _load_block, _run_block
+    from qdllm_export.block_pass import load_block, run_block
+    from qdllm_export.pipeline import _calibration
 
     model_dir = Path(model_dir)
     src = HFTensors(model_dir)
@@ -61,12 +62,12 @@ def collect_imatrix(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "
     for i in range(hp.n_layers):
         if on_layer:
             on_layer(i, hp.n_layers + 1, f"block {i}")
-        block = _load_block(src, i, device)
+        block = load_block(src, i, device)
         if hasattr(getattr(block, "mlp", None), "fill"):
             block.mlp.fill = False  # an expert's statistics are of its routed tokens only
         acc = _SquareSums(block.linears(), calib.x.device)
         try:
-            _run_block(block, calib.x, calib.cos, calib.sin, batch)  # x becomes the next block's input
+            run_block(block, calib.x, calib.cos, calib.sin, batch)  # x becomes the next block's input
         finally:
             acc.remove()
         _put_block(im, hp, i, acc)

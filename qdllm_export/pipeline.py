@@ -17,11 +17,9 @@ Peak memory: one block's weights, its ``H`` matrices and the calibration activat
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,13 +30,14 @@ from formats.stored import is_stored, record_of
 from formats.tensors import HFTensors, canonical_names, canonical_shape, is_linear
 from formats.tokenizer import load_tokenizer
 from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows
-from qdllm_export.models import SEQUENTIAL_GROUPS, dequantize_torch, family_module, sequential_groups
+from qdllm_export.block_pass import collect_hessians, fast, load_block, run_block
+from qdllm_export.models import dequantize_torch, sequential_groups
 from qdllm_export.models.layers import rope_tables
-from qdllm_export.quant import HessianAccumulator, QuantConfig
+from qdllm_export.quant import QuantConfig
 from qdllm_export.quant.recon import ReconConfig
 from qdllm_export.targets.base import Target
 from qdllm_export.targets.planes import as_target
-from qdllm_export.timing import phase, start_block
+from qdllm_export.timing import phase
 from qdllm_export.targets.tables import TABLES, TablesSpec, encode_table, table_values, type_name
 
 OnLayer = Callable[[int, int, str], None]
@@ -71,120 +70,6 @@ class PipelineResult:
         bits = [(r.bits_per_weight_native if native and r.bits_per_weight_native is not None else r.bits_per_weight)
                 for r in self.layers]
         return sum(b * r.shape[0] * r.shape[1] for b, r in zip(bits, self.layers)) / n
-
-
-# ------------------------------------------------------------------------------------------ block helpers
-_prefetch: dict[str, Any] = {}  # the next block's tensors being read: {"src", "i", "future"}
-_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdllm-prefetch")
-
-
-def _load_block(src: HFTensors, i: int, device: str, pass_name: str = "quantize") -> torch.nn.Module:
-    """Block ``i`` of ``src`` in float32 on ``device`` (starts block ``i`` of ``pass_name`` in ``qdllm_export.timing``).
-    Block ``i + 1``'s tensors are then read in a background thread (one block of float32 arrays on the host),
-    so the next call finds them read while this block was being quantized."""
-    start_block(pass_name, i)
-    with phase("load"):
-        ahead = _prefetch.pop("future", None) if _prefetch.get("src") is src and _prefetch.get("i") == i else None
-        _prefetch.clear()
-        arrays = ahead.result() if ahead is not None else _read_block(src, i)
-        if i + 1 < src.hparams.n_layers:
-            _prefetch.update(src=src, i=i + 1, future=_reader.submit(_read_block, src, i + 1))
-        return _load_block_weights(src, i, device, arrays)
-
-
-def _read_block(src: HFTensors, i: int) -> dict[str, np.ndarray]:
-    """Canonical name -> float32 array of every tensor of block ``i`` (each read opens its own file handle)."""
-    return {name: src.get(name) for name in src.layer_names(i)}
-
-
-def _load_block_weights(src: HFTensors, i: int, device: str, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
-    hp = src.hparams
-    block = family_module(hp).Block(hp).to(device=device, dtype=torch.float32)
-    prefix = hp.spec.layer_prefix.format(i=i)
-    hf = hp.spec.hf_names(hp)
-    params = dict(block.named_parameters())
-    for name, arr in arrays.items():
-        with torch.no_grad():
-            params[hf[name][len(prefix):]].copy_(torch.from_numpy(arr))
-    return block.eval()
-
-
-@contextmanager
-def _tf32(on: bool) -> Iterator[None]:
-    """CUDA float32 matmuls in TF32 (``on``) or in full float32 inside the block; the previous setting after it."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
-def _fast(x: torch.Tensor):
-    """The calibration forwards' matmul precision: TF32 on CUDA (activations only, a relative error of about
-    1e-3, far below a 2-4 bit weight's), unchanged elsewhere."""
-    return _tf32(True) if x.is_cuda else nullcontext()
-
-
-# ``H += X^T X`` on CUDA with TF32 products and float32 accumulation: inputs rounded to 10 mantissa bits, the
-# precision of GPTQ's own H (fp16 activations, float32 accumulation) and of the TF32 forwards that made X;
-# 4.5x faster on an H100 (a 16384 x 12288 batch: 91 -> 20 ms). False: full float32 products. CPU: no effect.
-HESSIAN_TF32 = True
-
-
-@torch.no_grad()
-def _run_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
-               keep: bool = True) -> torch.Tensor | None:
-    """``block`` over ``x [N, L, d]`` in batches; writes the outputs into ``x`` in place unless ``keep`` is False."""
-    with _fast(x), phase("forward"):
-        for s in range(0, x.shape[0], batch):
-            y = block(x[s : s + batch], cos, sin)
-            if keep:
-                x[s : s + batch] = y
-    return x if keep else None
-
-
-class _AllSeen(Exception):
-    """Ends a Hessian pass over one batch once every linear of interest has seen its input."""
-
-
-@torch.no_grad()
-def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str], x: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-    """``H [n_in, n_in]`` of each linear in ``roles`` of ``block``, from its inputs over ``x [N, L, d]``. Each
-    batch runs only as far into the block as the last of ``roles`` (the o / gate-up passes skip the rest)."""
-    linears = block.linears()
-    src = {r: _input_source(r, roles) for r in roles}  # linears of a group read one input: one H for them
-    acc = {s: HessianAccumulator(linears[s].in_features, device=x.device) for s in set(src.values())}
-    pending: set[str] = set()
-
-    def seen(r: str, inp: tuple[torch.Tensor, ...]) -> None:
-        if src[r] == r:
-            with _tf32(HESSIAN_TF32), phase("hessian"):
-                acc[r].add_batch(inp[0])
-        pending.discard(r)
-        if not pending:
-            raise _AllSeen
-
-    hooks = [linears[r].register_forward_hook(lambda mod, inp, out, r=r: seen(r, inp)) for r in roles]
-    try:
-        with _fast(x), phase("forward"):
-            for s in range(0, x.shape[0], batch):
-                pending.update(roles)
-                try:
-                    block(x[s : s + batch], cos, sin)
-                except _AllSeen:
-                    pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return {r: acc[src[r]].H for r in roles}
-
-
-def _input_source(role: str, roles: tuple[str, ...] | list[str]) -> str:
-    """The first of ``roles`` in ``role``'s true-sequential group (it reads the same input), else ``role``."""
-    group = next((g for g in SEQUENTIAL_GROUPS if role in g), (role,))
-    return next(r for r in group if r in roles)
 
 
 def _err_text(r: LayerReport) -> str:
@@ -231,7 +116,7 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     # the float block's H of every linear only where the plan reads them (ABMP); else the first group's
     first = roles if getattr(target, "plan_needs_hessians", True) else groups[0]
     Hs = _hessians(block, i, first, calib, result) if data else None
-    y_ref = _run_block(block, calib.x[: calib.batch].clone(), calib.cos, calib.sin, calib.batch) if data else None
+    y_ref = run_block(block, calib.x[: calib.batch].clone(), calib.cos, calib.sin, calib.batch) if data else None
     with phase("plan"):
         plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
     out: dict[str, Any] = {}
@@ -263,7 +148,7 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
             _tune_block(block, i, tunables, floats, Hs, calib, goal, recon, out, result)
     if data:
         del Hs
-        _run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
+        run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
         n_ref = y_ref.shape[0]
         result.block_errors.append(float((calib.x[:n_ref] - y_ref).norm() / y_ref.norm()))
     return out
@@ -292,7 +177,7 @@ def _equalize(block: torch.nn.Module, i: int, target: Target, calib: _Calib, res
     """Fold per-channel scales into ``block`` (``quant.equalize``), scored by ``target``'s own fits."""
     from qdllm_export.quant.equalize import equalize_block, input_stats
 
-    stats = input_stats(block, lambda: _run_block(block, calib.x, calib.cos, calib.sin, calib.batch, keep=False))
+    stats = input_stats(block, lambda: run_block(block, calib.x, calib.cos, calib.sin, calib.batch, keep=False))
 
     def fit(role: str, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
         return target.quantize(f"blk.{i}.{role}.weight", W, H, None)[1]
@@ -310,8 +195,8 @@ def _recon_goal(block: torch.nn.Module, calib: _Calib, recon: ReconConfig) -> to
     """The float block's outputs ``[N, L, d]`` the tuning aims at: on the float model's inputs (``calib.x_fp``,
     which then moves on to the next block) or on the quantized ones (``local``)."""
     if recon.target == "float":
-        return _run_block(block, calib.x_fp, calib.cos, calib.sin, calib.batch)
-    return _run_block(block, calib.x.clone(), calib.cos, calib.sin, calib.batch)
+        return run_block(block, calib.x_fp, calib.cos, calib.sin, calib.batch)
+    return run_block(block, calib.x.clone(), calib.cos, calib.sin, calib.batch)
 
 
 def _tune_block(block: torch.nn.Module, i: int, tunables: dict[str, Any], floats: dict[str, torch.Tensor],
@@ -332,7 +217,7 @@ def _tune_block(block: torch.nn.Module, i: int, tunables: dict[str, Any], floats
         return functional_call(block, {keys[r]: w for r, w in weights.items()}, (x, calib.cos, calib.sin))
 
     fitted = {r: m.weight.detach() for r, m in linears.items()}
-    with _fast(calib.x):  # TF32 forwards and backwards on CUDA, as the calibration forwards
+    with fast(calib.x):  # TF32 forwards and backwards on CUDA, as the calibration forwards
         points, rep = reconstruct(run, tunables, fitted, calib.x, goal, recon)
     result.recon.append({"block": i, "loss_before": rep.loss_before, "loss_after": rep.loss_after, "kept": rep.kept,
                          "tuned": list(rep.tuned), "iters": rep.iters})
@@ -507,7 +392,7 @@ def quantize_checkpoint(
                              float_stream=tuning and recon.target == "float") if target.needs_data \
             else _Calib(None, None, None, batch)
         for i in range(hp.n_layers):
-            block = _load_block(src, i, device)
+            block = load_block(src, i, device)
             stored = quantize_block(block, i, target, calib, true_sequential, result, on_layer, hp.n_layers,
                                     recon if tuning else None, equalize and target.needs_data)
             if on_layer:

@@ -12,7 +12,8 @@ from formats.checkpoint import QuantizedCheckpoint
 from formats.tensors import HFTensors
 from qdllm_export.calib import CalibConfig
 from qdllm_export.models import dequantize_torch
-from qdllm_export.pipeline import _calibration, _load_block, quantize_checkpoint
+from qdllm_export.block_pass import load_block
+from qdllm_export.pipeline import _calibration, quantize_checkpoint
 from qdllm_export.quant import HessianAccumulator, QuantConfig
 from qdllm_export.quant.recon import ReconConfig
 from qdllm_export.targets.planes import PlanesTarget
@@ -57,7 +58,7 @@ def _hessian_by_hand(src, ccfg, quantized_roles, ck, role):
     """H of ``role`` in block 0 with ``quantized_roles`` replaced by the stored values of ``ck``."""
     s = HFTensors(src)
     calib = _calibration(s, src, ccfg, "cpu", 4, table_values(ck.get("token_embd.weight")))  # the embedding as shipped
-    block = _load_block(s, 0, "cpu")
+    block = load_block(s, 0, "cpu")
     lin = block.linears()
     for r in quantized_roles:
         with torch.no_grad():

@@ -57,7 +57,8 @@ def measure_sensitivity(model_dir: str | Path, candidates: dict[str, GridFactory
                         device: str = "cpu", batch: int = 8, on_layer: Callable[[int, int, str], None] | None = None,
                         max_rows: int = 1024) -> Sensitivity:
     """Output error of every candidate grid on every linear of the float model (see module doc)."""
-    from qdllm_export.pipeline import _calibration, _load_block, _run_block, collect_hessians
+    from qdllm_export.block_pass import collect_hessians, load_block, run_block
+    from qdllm_export.pipeline import _calibration
 
     src = HFTensors(model_dir)
     hp = src.hparams
@@ -65,7 +66,7 @@ def measure_sensitivity(model_dir: str | Path, candidates: dict[str, GridFactory
     sens = Sensitivity()
     cfg = GridConfig(rounding="importance", refit=True)
     for i in range(hp.n_layers):
-        block = _load_block(src, i, device, pass_name="sensitivity")
+        block = load_block(src, i, device, pass_name="sensitivity")
         linears = block.linears()
         Hs = collect_hessians(block, list(linears), calib.x, calib.cos, calib.sin, batch)
         for r, m in linears.items():
@@ -84,7 +85,7 @@ def measure_sensitivity(model_dir: str | Path, candidates: dict[str, GridFactory
                 sens.bits[name][cand] = float(res.stored.bits_per_weight())
                 sens.actual[name][cand] = grid.name
         del Hs
-        _run_block(block, calib.x, calib.cos, calib.sin, batch)
+        run_block(block, calib.x, calib.cos, calib.sin, batch)
         del block
     return sens
 
