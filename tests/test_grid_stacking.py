@@ -54,5 +54,9 @@ def test_stock_target_stacked_matches_one_linear_at_a_time(name):
     for (stored, w_hat, stats), Wi in zip(target.quantize_stacked(["a", "b"], Ws, H), Ws):
         cfg = GridConfig() if stats["refit"] else replace(GridConfig(), refit=False)
         ref = grid_quantize(Wi, H, grid_of("", 512), cfg)
-        assert torch.equal(w_hat, ref.w_hat) and _arrays_equal(stored, ref.stored)
+        # the stored values are identical; the bytes may not be: a signed-scale type (q6_k, q3_k) stores a sub-block
+        # as (sc, q) or its mirror (-sc, -q), and which one a fit lands on can follow float noise in the last bits
+        # that depends on the row count (seen on an AMD EPYC for q6_k: one sub-block of 2 x 10 stored mirrored)
+        assert torch.equal(w_hat, ref.w_hat)
+        assert np.array_equal(stored.dequantize(), ref.stored.dequantize())
         assert np.array_equal(stored.dequantize(), w_hat.numpy())
