@@ -94,7 +94,8 @@ class _AllSeen(Exception):
 def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str], x: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """``H [n_in, n_in]`` of each linear in ``roles`` of ``block``, from its inputs over ``x [N, L, d]``. Each
-    batch runs only as far into the block as the last of ``roles`` (the o / gate-up passes skip the rest)."""
+    batch runs only as far into the block as the last of ``roles`` (the o / gate-up passes skip the rest). A
+    mixture's starved experts get the calibration fill (``models.llada_moe.FILL_SHARE``) in this pass only."""
     linears = block.linears()
     src = {r: input_source(r, roles) for r in roles}  # linears of a group read one input: one H for them
     acc = {s: HessianAccumulator(linears[s].in_features, device=x.device) for s in set(src.values())}
@@ -110,7 +111,7 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
 
     hooks = [linears[r].register_forward_hook(lambda mod, inp, out, r=r: seen(r, inp)) for r in roles]
     try:
-        with fast(x), phase("forward"):
+        with fast(x), phase("forward"), _filling(block):
             for s in range(0, x.shape[0], batch):
                 pending.update(roles)
                 try:
@@ -121,6 +122,20 @@ def collect_hessians(block: torch.nn.Module, roles: tuple[str, ...] | list[str],
         for h in hooks:
             h.remove()
     return {r: acc[src[r]].H for r in roles}
+
+
+@contextmanager
+def _filling(block: torch.nn.Module) -> Iterator[None]:
+    """The calibration fill of a mixture's ``block.mlp`` on (nothing for a dense block)."""
+    mlp = getattr(block, "mlp", None)
+    if not hasattr(mlp, "fill"):
+        yield
+        return
+    mlp.fill = True
+    try:
+        yield
+    finally:
+        mlp.fill = False
 
 
 def input_source(role: str, roles: tuple[str, ...] | list[str]) -> str:

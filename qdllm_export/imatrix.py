@@ -63,8 +63,6 @@ def collect_imatrix(model_dir: str | Path, ccfg: CalibConfig, *, device: str = "
         if on_layer:
             on_layer(i, hp.n_layers + 1, f"block {i}")
         block = load_block(src, i, device)
-        if hasattr(getattr(block, "mlp", None), "fill"):
-            block.mlp.fill = False  # an expert's statistics are of its routed tokens only
         acc = _SquareSums(block.linears(), calib.x.device)
         try:
             run_block(block, calib.x, calib.cos, calib.sin, batch)  # x becomes the next block's input

@@ -314,51 +314,60 @@ def test_q2_k_file_stacks_one_type_and_runs_in_llama_cpp(tmp_path, cli):
     assert np.median(pos) <= LLAMACPP_RTOL / 2
 
 
-def test_calibration_fill_of_a_starved_expert(tmp_path, monkeypatch):
-    """The pipeline's block (``Block``) gives a starved expert the layer's tokens at the missing share's weight,
-    for its Hessian only: outputs equal the plain layer's; its H is ``sum_routed x x^T + (m / N) sum_all x x^T``
-    (m = fair share - routed). FILL_SHARE 1 here: every expert under its fair share is filled."""
-    from qdllm_export.models import family_module, llada_moe
+@pytest.mark.parametrize("router", ["never-expert-3", "plain"])
+def test_calibration_fill_of_a_starved_expert(tmp_path, monkeypatch, router):
+    """The pipeline's Hessian pass (``collect_hessians``, which stops a batch once every hook has fired) gives a
+    starved expert the layer's tokens at the missing share's weight, whether or not any token was routed to it
+    (the plain router routes a token to every expert: the pass stops at the last routed call, the fill must not
+    come after it):
+    its H is ``sum_routed x x^T + (m / N) sum_all x x^T`` (m = fair share - routed). Outputs with the fill on equal
+    the plain layer's. FILL_SHARE 1 here: every expert under its fair share is filled."""
+    from qdllm_export.block_pass import collect_hessians
+    from qdllm_export.models import llada_moe
     from qdllm_export.models.layers import rope_tables
     from qdllm_export.models.llada_moe import LLaDAMoEDecoderLayer
-    from qdllm_export.quant import HessianAccumulator
 
-    folder = _starved_checkpoint(tmp_path, 128)
+    if router == "plain":
+        folder = make_checkpoint(tmp_path / "plain", "llada-moe", seed=3,
+                                 hp=moe_hparams(d_model=128, d_ff_exp=128, n_layers=1, n_expert_used=1))[0]
+    else:
+        folder = _starved_checkpoint(tmp_path, 128)
     src = HFTensors(folder)
     hp = src.hparams
     hf = hp.spec.hf_names(hp)
-    layers = [family_module(hp).Block(hp), LLaDAMoEDecoderLayer(hp)]
+    layers = [LLaDAMoEDecoderLayer(hp), LLaDAMoEDecoderLayer(hp)]
     for layer in layers:
         params = dict(layer.named_parameters())
         for name in src.layer_names(0):
             with torch.no_grad():
                 params[hf[name][len("model.layers.0."):]].copy_(torch.from_numpy(src.get(name)))
     monkeypatch.setattr(llada_moe, "FILL_SHARE", 1.0)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, hp.d_model)).astype(np.float32))
+    x_seed = 0 if router == "plain" else 3  # routed counts [7, 13, 7, 5] / [6, 17, 9, 0] of 32 (fair share 8)
+    x = torch.from_numpy(np.random.default_rng(x_seed).standard_normal((2, 16, hp.d_model)).astype(np.float32))
     c, s = rope_tables(16, hp.head_dim, hp.rope_theta)
-    accs = [HessianAccumulator(hp.d_model) for _ in range(hp.n_expert)]
-    hooks = [e.gate_proj.register_forward_hook(lambda m, inp, out, a=a: a.add_batch(inp[0]))
-             for e, a in zip(layers[0].mlp.experts, accs)]
+    roles = [f"ffn_gate_exps.{e}" for e in range(hp.n_expert)]
+    Hs = collect_hessians(layers[0], roles, x, c, s, batch=2)
+    filled = layers[0].mlp.filled
+    assert not layers[0].mlp.fill  # on for the Hessian pass only
     with torch.no_grad():
+        layers[0].mlp.fill = True
         y_cal, y = layers[0](x, c, s), layers[1](x, c, s)
         h = layers[1].post_attention_layernorm(x + layers[1].self_attn(layers[1].input_layernorm(x), c, s, None))
         idx = llada_moe.route(layers[1].mlp.gate(h.reshape(-1, hp.d_model)), hp.n_expert_used)[1]
-    for k in hooks:
-        k.remove()
     assert torch.equal(y_cal, y)
     h = h.reshape(-1, hp.d_model).double()
     n = h.shape[0]
     fair = n * hp.n_expert_used / hp.n_expert
     counts = layers[0].mlp.last_counts.tolist()
-    assert layers[0].mlp.filled == [e for e, k in enumerate(counts) if k < fair] and layers[0].mlp.filled
+    assert filled == [e for e, k in enumerate(counts) if k < fair] and layers[0].mlp.filled == filled
+    assert any(0 < counts[e] for e in filled) and (0 in counts) == (router != "plain")
     for e in range(hp.n_expert):
         routed = h[(idx == e).any(-1)]
         want = routed.T @ routed
-        if e in layers[0].mlp.filled:
+        if e in filled:
             want = want + (fair - counts[e]) / n * h.T @ h
-        n_vec = len(routed) + (n if e in layers[0].mlp.filled else 0)
-        assert accs[e].count == n_vec
-        assert torch.allclose(accs[e].H.double(), 2.0 / n_vec * want, rtol=1e-4, atol=1e-6)
+        n_vec = len(routed) + (n if e in filled else 0)
+        assert torch.allclose(Hs[roles[e]].double(), 2.0 / n_vec * want, rtol=1e-4, atol=1e-6)
 
 
 def test_auto_gives_a_layers_experts_one_type():

@@ -13,6 +13,8 @@ sees exactly its routed inputs (the pipeline's per-expert Hessians) and an exper
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,11 +65,13 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.gather(p, 1, idx), idx
 
 
-# Calibration fill (``CalibrationLayer``, the block the quantization pipeline builds): an expert that receives fewer
-# than FILL_SHARE of its fair share ``N * k / E`` of a batch's N tokens also sees all N tokens, scaled so that together
-# they weigh as the missing tokens: its Hessian ``sum_routed x x^T + (m / N) sum_all x x^T`` (m = fair share - routed)
-# is damped toward the layer's pooled one instead of resting on a handful of tokens (or none: an all-zero H).
-# Outputs are unchanged: the fill runs the expert's linears for their forward hooks only and is discarded.
+# Calibration fill (``mlp.fill``, on only for the pipeline's Hessian passes: ``block_pass.collect_hessians``): an
+# expert that receives fewer than FILL_SHARE of its fair share ``N * k / E`` of a batch's N tokens also sees all N
+# tokens, scaled so that together they weigh as the missing tokens: its Hessian ``sum_routed x x^T + (m / N) sum_all
+# x x^T`` (m = fair share - routed) is damped toward the layer's pooled one instead of resting on a handful of tokens
+# (or none: an all-zero H). The fill runs before the routed loop, one hooked call of the expert on its routed and the
+# scaled tokens together, so a pass that stops once every hook has fired cannot skip it; the outputs are unchanged:
+# a filled expert's routed output is computed again without hooks.
 FILL_SHARE = 0.25
 
 
@@ -95,16 +99,17 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         # one host sync for the counts instead of one per expert
         order = torch.sort(idx.reshape(-1), stable=True).indices
         rows_all, slot_all = order // self.top_k, order % self.top_k
-        start = 0
-        for e, c in enumerate(counts.tolist()):
+        sizes = counts.tolist()
+        starts = [0, *itertools.accumulate(sizes)]
+        self.filled = self._starved(sizes, x.shape[0]) if self.fill else []
+        for e in self.filled:
+            self._fill(self.experts[e], x, rows_all[starts[e] : starts[e] + sizes[e]], sizes[e])
+        for e, c in enumerate(sizes):
             if c == 0:
                 continue
-            rows, slot = rows_all[start : start + c], slot_all[start : start + c]
-            start += c
-            y = self.experts[e](x[rows])
+            rows, slot = rows_all[starts[e] : starts[e] + c], slot_all[starts[e] : starts[e] + c]
+            y = _unhooked(self.experts[e], x[rows]) if e in self.filled else self.experts[e](x[rows])
             out.index_add_(0, rows, (y * w[rows, slot, None].to(y.dtype)).to(out.dtype))  # autocast: y may be bf16
-        if self.fill:
-            self._fill(x, counts)
         return out.reshape(shape)
 
     def _fair(self, n: int) -> float:
@@ -125,16 +130,25 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         t["routed"] += counts.cpu()
         t["starved"] += starved
 
+    def _starved(self, counts: list[int], n: int) -> list[int]:
+        """Experts under ``FILL_SHARE`` of their fair share of ``n`` tokens."""
+        return [e for e, c in enumerate(counts) if c < FILL_SHARE * self._fair(n)]
+
     @torch.no_grad()
-    def _fill(self, x: torch.Tensor, counts: torch.Tensor) -> None:
+    def _fill(self, ex: LLaDAMoEExpert, x: torch.Tensor, rows: torch.Tensor, c: int) -> None:
+        """One hooked call of ``ex`` on its ``c`` routed tokens ``x[rows]`` and all ``n`` tokens scaled by
+        ``s = sqrt((fair - c) / n)``; the result is discarded."""
         n = x.shape[0]
-        fair = self._fair(n)
-        self.filled = [e for e, c in enumerate(counts.tolist()) if c < FILL_SHARE * fair]
-        for e in self.filled:
-            s = ((fair - int(counts[e])) / n) ** 0.5
-            ex = self.experts[e]
-            g, u = ex.gate_proj(x * s), ex.up_proj(x * s)  # the hooks see the scaled tokens; g = s * gate(x)
-            ex.down_proj(F.silu(g / s) * u)  # = s * silu(gate(x)) * up(x): the down's input, scaled alike
+        s = ((self._fair(n) - c) / n) ** 0.5
+        z = torch.cat([x[rows], x * s])
+        g, u = ex.gate_proj(z), ex.up_proj(z)  # the hooks see the scaled tokens; g[c:] = s * gate(x)
+        # the down's input: silu(gate(x)) * up(x) for the routed rows, s times that for the filled ones
+        ex.down_proj(torch.cat([F.silu(g[:c]) * u[:c], F.silu(g[c:] / s) * u[c:]]))
+
+
+def _unhooked(ex: LLaDAMoEExpert, x: torch.Tensor) -> torch.Tensor:
+    """``ex(x)`` computed as its forward computes it, without calling its linears' forward hooks."""
+    return F.linear(F.silu(F.linear(x, ex.gate_proj.weight)) * F.linear(x, ex.up_proj.weight), ex.down_proj.weight)
 
 
 class LLaDAMoEDecoderLayer(nn.Module):
@@ -159,15 +173,6 @@ class LLaDAMoEDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class CalibrationLayer(LLaDAMoEDecoderLayer):
-    """The layer the quantization pipeline builds (``Block``): same outputs, plus the calibration fill of starved
-    experts (``FILL_SHARE``); ``mlp.filled`` names the experts the last forward filled."""
-
-    def __init__(self, hp: HParams):
-        super().__init__(hp)
-        self.mlp.fill = True
 
 
 class LLaDAMoEModel(nn.Module):
@@ -205,5 +210,5 @@ class LLaDAMoEModelLM(nn.Module):
         return self.head(x)
 
 
-Block = CalibrationLayer
+Block = LLaDAMoEDecoderLayer
 Model = LLaDAMoEModelLM
