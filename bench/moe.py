@@ -1,6 +1,7 @@
 """LLaDA-MoE quality table (issue 18): ΔNLL of every output of a mixture beside llama.cpp's own Q2_K recipe.
 
     python bench/moe.py run [--model tiny-llada-moe] [--kinds planes gptq2 ...] [--seeds 0 1 2] [--threads 2]
+                            [--device cuda] [--fill-share 0]
     python bench/moe.py report
 
 Kinds: ``planes`` (Quant-dLLM 2), ``gptq2`` / ``rtn2`` (2-bit g128 planes), ``q2_k``, ``auto`` (``--bpw 2.5``),
@@ -10,7 +11,8 @@ in PyTorch. ``llama-q2_k`` / ``llama-q2_k-mcs``: ``llama_model_quantize``'s Q2_K
 (Q4_K / Q6_K tables like ours), without an imatrix and with our MCS imatrix of the seed, evaluated by qdllm's NumPy
 forward of the file. Every file: the masked-diffusion NLL bound on 64 windows x 128 tokens of the bundled
 validation text, 4 Monte-Carlo masks, identical masks for every file; ΔNLL against the float model. Rows append to
-``docs/results/moe.jsonl``; ``report`` writes the section "moe" of docs/benchmarks.md.
+``docs/results/moe.jsonl``; ``report`` writes the section "moe" of docs/benchmarks.md. ``--fill-share S`` sets
+``models.llada_moe.FILL_SHARE`` (0: no calibration fill) for the fill ablation, reported in its own table.
 """
 
 from __future__ import annotations
@@ -36,30 +38,30 @@ LABELS = {"planes": "ours Quant-dLLM-2 (planes)", "gptq2": "ours GPTQ-2 g128 (pl
           "llama-q2_k": "llama.cpp Q2_K recipe, no imatrix", "llama-q2_k-mcs": "llama.cpp Q2_K recipe, our MCS imatrix"}
 
 
-def target(folder: Path, kind: str, ccfg):
+def target(folder: Path, kind: str, ccfg, device: str):
     from qdllm_export.quant import QuantConfig
 
     if kind in ("q2_k", "auto"):
         from qdllm_export.targets.ggml import StockSpec, stock_target
 
-        return stock_target(folder, StockSpec(kind, bpw=2.5 if kind == "auto" else None), ccfg, tuned=True)
+        return stock_target(folder, StockSpec(kind, bpw=2.5 if kind == "auto" else None), ccfg, device=device, tuned=True)
     if kind == "int2":
         from qdllm_export.targets.nbits import NBitsSpec, nbits_target
 
-        return nbits_target(folder, NBitsSpec("int2", block_size=128), ccfg)
+        return nbits_target(folder, NBitsSpec("int2", block_size=128), ccfg, device=device)
     return {"planes": QuantConfig(method="quant-dllm", bits=2), "gptq2": QuantConfig(method="gptq", bits=2),
             "rtn2": QuantConfig(method="rtn", bits=2)}[kind]
 
 
-def ours(folder: Path, kind: str, ccfg, tmp: Path) -> tuple[str, dict]:
+def ours(folder: Path, kind: str, ccfg, tmp: Path, device: str) -> tuple[str, dict]:
     """(path of the quantized checkpoint, its record)."""
     from qdllm_export.pipeline import quantize_checkpoint
 
-    _, rec = quantize_checkpoint(folder, tmp / kind, target(folder, kind, ccfg), ccfg)
+    _, rec = quantize_checkpoint(folder, tmp / kind, target(folder, kind, ccfg, device), ccfg, device=device)
     return str(tmp / kind), rec
 
 
-def llama(folder: Path, kind: str, ccfg, tmp: Path) -> tuple[str, dict]:
+def llama(folder: Path, kind: str, ccfg, tmp: Path, device: str) -> tuple[str, dict]:
     """(path of llama.cpp's Q2_K-recipe GGUF of the f16 file, its linears' bits per weight)."""
     from bench.llamacpp import llama_file
     from formats.gguf import write_gguf
@@ -73,7 +75,7 @@ def llama(folder: Path, kind: str, ccfg, tmp: Path) -> tuple[str, dict]:
         write_gguf(f16, HFTensors(folder), tokenizer=load_tokenizer(folder), outtype="f16")
     im = None
     if kind.endswith("-mcs"):
-        im = write_imatrix(tmp / f"im-{ccfg.seed}.gguf", collect_imatrix(folder, ccfg), overwrite=True)
+        im = write_imatrix(tmp / f"im-{ccfg.seed}.gguf", collect_imatrix(folder, ccfg, device=device), overwrite=True)
     out = llama_file(tmp, f16, "q2_k", f"mcs{ccfg.seed}" if im else "none", im)
     return str(out), {"bits_per_weight_linear": _linear_bits(out)}
 
@@ -102,12 +104,16 @@ def run(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     folder = resolve(a.model)
+    if a.fill_share is not None:
+        from qdllm_export.models import llada_moe
+
+        llada_moe.FILL_SHARE = a.fill_share
 
     def nll(be, windows) -> float:
         return masked_nll(be.logits, windows, mask_id=be.hparams.mask_token_id, n_mc=a.mc, seed=0,
                           protect_first=be.hparams.spec.shift_logits).nll
 
-    fp = open_model(a.model)
+    fp = open_model(a.model, device=a.device)
     windows = text_token_windows(fp.tokenizer, DEFAULT_DATA, 128, a.windows)
     base = nll(fp, windows)
     with tempfile.TemporaryDirectory() as tmpd:
@@ -118,11 +124,12 @@ def run(a: argparse.Namespace) -> None:
                 if kind == "llama-q2_k" and seed != a.seeds[0]:
                     continue  # no calibration: one file
                 t0 = time.time()
-                path, rec = (llama if kind in LLAMA else ours)(folder, kind, ccfg, tmp)
-                row = dict(model=a.model, kind=kind, seed=seed, dnll=nll(open_model(path), windows) - base, base=base,
+                path, rec = (llama if kind in LLAMA else ours)(folder, kind, ccfg, tmp, a.device)
+                be = open_model(path, device=a.device) if kind in OURS else open_model(path)
+                row = dict(model=a.model, kind=kind, seed=seed, dnll=nll(be, windows) - base, base=base,
                            bits_per_weight_linear=rec["bits_per_weight_linear"], seconds=time.time() - t0,
                            coverage=rec.get("expert_coverage"), windows=a.windows, mc=a.mc, threads=a.threads,
-                           note=a.note)
+                           device=a.device, fill_share=a.fill_share, note=a.note)
                 print(json.dumps({k: v for k, v in row.items() if k != "coverage"}), flush=True)
                 if a.results:
                     with open(a.results, "a") as f:
@@ -133,20 +140,25 @@ def _rows() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
 
 
+def _mean_cell(d: list[float]) -> str:
+    spread = f" ({min(d):+.3f} to {max(d):+.3f})" if len(d) > 1 else ""
+    return f"{statistics.mean(d):+.4f}{spread}"
+
+
 def report(_: argparse.Namespace) -> None:
     rows = _rows()
+    main_rows = [r for r in rows if r.get("fill_share") is None]
     table = []
     for model in sorted({r["model"] for r in rows}):
         for kind in (*OURS, *LLAMA):
-            sel = [r for r in rows if r["model"] == model and r["kind"] == kind]
+            sel = [r for r in main_rows if r["model"] == model and r["kind"] == kind]
             if not sel:
                 continue
-            d = [r["dnll"] for r in sel]
-            spread = f" ({min(d):+.3f} to {max(d):+.3f})" if len(d) > 1 else ""
             table.append([model, LABELS[kind], f"{sel[0]['bits_per_weight_linear']:.3f}",
-                          f"{statistics.mean(d):+.4f}{spread}", len(d), f"{statistics.mean(r['seconds'] for r in sel):.0f}"])
+                          _mean_cell([r["dnll"] for r in sel]), len(sel), f"{statistics.mean(r['seconds'] for r in sel):.0f}",
+                          ", ".join(sorted({r.get("device", "cpu") for r in sel}))])
     notes = "".join(f"\n\n{m}: {n}" for m, n in sorted({(r["model"], r["note"]) for r in rows if r.get("note")}))
-    cov = next((r["coverage"] for r in rows if r.get("coverage")), None)
+    cov = next((r["coverage"] for r in main_rows if r.get("coverage")), None)
     cov_text = ""
     if cov:
         from qdllm_export.cli.quantize import coverage_text
@@ -156,11 +168,31 @@ def report(_: argparse.Namespace) -> None:
             f"Machine: {machine()}. ΔNLL (nats/token) of each file as shipped (embedding Q4_K, head Q6_K), against the "
             "float model, on identical masks: masked-diffusion bound on 64 windows x 128 tokens of the bundled "
             "validation text, 4 Monte-Carlo masks. Ours: MCS calibration 128 x 256 tokens per seed, default "
-            "block-output tuning; evaluated in PyTorch. llama.cpp: `llama_model_quantize`'s Q2_K recipe of our f16 "
+            "block-output tuning; evaluated in PyTorch on the device named. llama.cpp: `llama_model_quantize`'s Q2_K recipe of our f16 "
             "GGUF (its own mix: Q2_K with Q3_K / Q4_K for attn_v, attn_output, ffn_down), evaluated by qdllm's NumPy "
             "forward of the file. Mean over calibration seeds, range in brackets; per row in `docs/results/moe.jsonl`.\n\n"
-            + md_table(["model", "file", "bits/w linears", "ΔNLL", "seeds", "seconds"], table) + notes + cov_text)
+            + md_table(["model", "file", "bits/w linears", "ΔNLL", "seeds", "seconds", "device"], table)
+            + _fill_table(rows) + notes + cov_text)
     write_section("moe", body)
+
+
+def _fill_table(rows: list[dict]) -> str:
+    """The calibration-fill ablation: each kind's ΔNLL with the default fill and with ``--fill-share`` runs, on the
+    seeds both have."""
+    out = []
+    for model, kind, share in sorted({(r["model"], r["kind"], r["fill_share"]) for r in rows if r.get("fill_share") is not None}):
+        abl = {r["seed"]: r["dnll"] for r in rows if (r["model"], r["kind"], r.get("fill_share")) == (model, kind, share)}
+        base = {r["seed"]: r["dnll"] for r in rows if (r["model"], r["kind"], r.get("fill_share")) == (model, kind, None)}
+        seeds = sorted(set(abl) & set(base))
+        if seeds:
+            out.append([model, LABELS[kind], _mean_cell([base[s] for s in seeds]), f"{share:g}",
+                        _mean_cell([abl[s] for s in seeds]), " ".join(map(str, seeds))])
+    if not out:
+        return ""
+    return ("\n\nCalibration fill ablation (`--fill-share`): an expert under that share of its fair share of a batch's "
+            "tokens also sees all tokens at the missing share's weight, for its Hessian; 0 turns the fill off. Same "
+            "seeds, masks and device as the table above.\n\n"
+            + md_table(["model", "file", "ΔNLL, default fill (0.25)", "fill share", "ΔNLL", "seeds"], out))
 
 
 def main() -> None:
@@ -171,6 +203,8 @@ def main() -> None:
     r.add_argument("--kinds", nargs="+", default=[*OURS, *LLAMA], choices=[*OURS, *LLAMA])
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--device", default="cpu", help="torch device of our quantizers and of their files' NLL")
+    r.add_argument("--fill-share", type=float, help="models.llada_moe.FILL_SHARE for this run (0: no calibration fill)")
     r.add_argument("--windows", type=int, default=64)
     r.add_argument("--mc", type=int, default=4)
     r.add_argument("--calib-samples", type=int, default=128)

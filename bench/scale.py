@@ -109,7 +109,10 @@ marks = []
 _load = B.load_block
 def _timed(*a, **k):
     marks.append(time.time())
-    print(f"MARK {marks[-1] - t0:.1f} s: {k.get('pass_name', 'quantize')} block {a[1]}", file=sys.stderr, flush=True)
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"MARK {marks[-1] - t0:.1f} s: {k.get('pass_name', 'quantize')} block {a[1]} (peak GPU {gpu:.1f} GiB, "
+          f"peak RSS {rss:.2f} GiB)", file=sys.stderr, flush=True)
     return _load(*a, **k)
 B.load_block = _timed
 from qdllm_export.cli import main
@@ -245,7 +248,8 @@ def main() -> None:
     elif a.gguf:  # a whole run: every block's time from the marks (one per block and streaming pass)
         m = res["marks"]
         res.update(verb=a.verb, args=a.gguf, layers=shape["n_layers"], full_layers=full_layers,
-                   block_seconds_all=[b - x for x, b in zip(m, m[1:])])
+                   block_seconds_all=[b - x for x, b in zip(m, m[1:])],
+                   file_bytes=sum(f.stat().st_size for f in ([dst] if dst.is_file() else dst.rglob("*"))))
     n_params = sum(int(np.prod(s)) for _, _, s in hp.spec.expected(hp).values())
     res.update(shape=a.shape, device=a.device, machine=machine(), n_params=n_params, checkpoint_gb=size / 2**30,
                calibration=f"{a.samples} x {a.seq_len} tokens", write_seconds=t_write)
