@@ -31,7 +31,7 @@ from formats.tensors import HFTensors, canonical_names, canonical_shape, is_line
 from formats.tokenizer import load_tokenizer
 from qdllm_export.calib import CalibConfig, apply_mcs, calibration_windows
 from qdllm_export.block_pass import collect_hessians, fast, load_block, run_block
-from qdllm_export.models import dequantize_torch, sequential_groups
+from qdllm_export.models import dequantize_torch, hessian_pass, sequential_groups
 from qdllm_export.models.layers import rope_tables
 from qdllm_export.quant import QuantConfig
 from qdllm_export.quant.recon import ReconConfig
@@ -120,9 +120,12 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
     with phase("plan"):
         plan = target.plan_block(i, {r: m.weight for r, m in linears.items()}, Hs)
     out: dict[str, Any] = {}
+    fresh = set(groups[0])  # roles whose H was collected on the inputs their group is fitted on
     for g, group in enumerate(groups):
-        if data and g > 0:
-            Hs.update(_hessians(block, i, group, calib, result))
+        if data and group[0] not in fresh:
+            stage = hessian_pass(groups, g)
+            Hs.update(_hessians(block, i, stage, calib, result))
+            fresh.update(stage)
         if true_sequential and len(group) > 1 and hasattr(target, "quantize_stacked"):
             names = [f"blk.{i}.{r}.weight" for r in group]
             if on_layer:

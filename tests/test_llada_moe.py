@@ -233,6 +233,40 @@ def test_planes_quantize_per_expert_hessians_and_gguf_parity(tmp_path):
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_one_hessian_pass_per_expert_stage(tmp_path, monkeypatch):
+    """The pipeline collects every expert's gate + up Hessian in one calibration pass and every down's in one
+    more (not one pass per expert), and each H equals the one a pass for that expert alone gives."""
+    import qdllm_export.pipeline as P
+    from qdllm_export.calib import CalibConfig
+    from qdllm_export.models import hessian_pass, sequential_groups
+    from qdllm_export.quant import QuantConfig
+
+    roles = [f"ffn_{p}_exps.{x}" for p in ("gate", "up", "down") for x in range(3)] + ["attn_q", "attn_k", "attn_output"]
+    groups = sequential_groups(roles)
+    assert groups[:2] == [["attn_q", "attn_k"], ["attn_output"]]
+    assert hessian_pass(groups, 1) == ["attn_output"]
+    assert hessian_pass(groups, 2) == [f"ffn_{p}_exps.{x}" for x in range(3) for p in ("gate", "up")]
+    assert hessian_pass(groups, 3) == ["ffn_gate_exps.1", "ffn_up_exps.1", "ffn_gate_exps.2", "ffn_up_exps.2"]
+    assert hessian_pass(groups, 5) == [f"ffn_down_exps.{x}" for x in range(3)]
+
+    passes, real = [], P.collect_hessians
+
+    def spy(block, rs, x, cos, sin, batch):
+        Hs = real(block, rs, x, cos, sin, batch)
+        passes.append(list(rs))
+        if rs[0].startswith("ffn_"):  # the first expert alone, on the same inputs
+            alone = [r for r in rs if r.endswith(".1")]
+            assert all(torch.equal(Hs[r], H) for r, H in real(block, alone, x, cos, sin, batch).items())
+        return Hs
+
+    monkeypatch.setattr(P, "collect_hessians", spy)
+    folder = make_checkpoint(tmp_path / "m", "llada-moe", hp=moe_hparams(n_layers=1))[0]
+    P.quantize_checkpoint(folder, tmp_path / "q", QuantConfig(method="gptq", bits=2), CalibConfig(n_samples=4, seq_len=32))
+    experts = [p for p in passes if p[0].startswith("ffn_")]
+    assert [sorted(p) for p in experts] == [sorted(f"ffn_{p}_exps.{x}" for x in range(4) for p in ("gate", "up")),
+                                            sorted(f"ffn_down_exps.{x}" for x in range(4))]
+
+
 def test_imatrix_stacks_experts_with_their_routed_counts(tmp_path):
     """`imatrix` of a mixture: one entry per stacked expert tensor, a row and a count per expert, counted on the
     routed tokens only as llama-imatrix counts them (no calibration fill: expert 3, never routed, counts 0 and

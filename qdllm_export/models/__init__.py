@@ -118,3 +118,24 @@ def sequential_groups(roles: list[str]) -> list[list[str]]:
         groups += [[f"{base}.{x}" for base in eg if f"{base}.{x}" in roles] for x in experts]
     rest = [r for r in roles if not any(r in g for g in groups)]
     return [g for g in groups if g] + ([rest] if rest else [])
+
+
+def hessian_pass(groups: list[list[str]], g: int) -> list[str]:
+    """The roles whose Hessians one calibration pass can collect with ``groups[g]``'s: its own, plus those of the
+    groups right after it of the same expert stage. Every expert's gate + up reads the block's normed input, and
+    each expert's down only its own gate + up's output: no group of a stage changes another's input, so one pass
+    gives each the Hessian its own pass would (instead of one pass over the calibration data per expert)."""
+
+    def stage(group: list[str]) -> int | None:
+        base = group[0].split(".")[0]
+        return next((k for k, eg in enumerate(EXPERT_GROUPS) if base in eg), None)
+
+    key = stage(groups[g])
+    if key is None:
+        return list(groups[g])
+    out = []
+    for group in groups[g:]:
+        if stage(group) != key:
+            break
+        out += group
+    return out
