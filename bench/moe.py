@@ -165,7 +165,7 @@ def report(_: argparse.Namespace) -> None:
 
         cov_text = "\n\nCalibration coverage of the first quantized file: " + coverage_text({"expert_coverage": cov}) + ".\n"
     body = ("## LLaDA-MoE: every output of a mixture beside llama.cpp's Q2_K recipe (`bench/moe.py`, issue 18)\n\n"
-            f"Machine: {machine()}. ΔNLL (nats/token) of each file as shipped (embedding Q4_K, head Q6_K), against the "
+            f"Machines: our rows on the device of the last column (the note names it), llama.cpp's on {machine()}. ΔNLL (nats/token) of each file as shipped (embedding Q4_K, head Q6_K), against the "
             "float model, on identical masks: masked-diffusion bound on 64 windows x 128 tokens of the bundled "
             "validation text, 4 Monte-Carlo masks. Ours: MCS calibration 128 x 256 tokens per seed, default "
             "block-output tuning; evaluated in PyTorch on the device named. llama.cpp: `llama_model_quantize`'s Q2_K recipe of our f16 "
@@ -179,7 +179,7 @@ def report(_: argparse.Namespace) -> None:
 def _fill_table(rows: list[dict]) -> str:
     """The calibration-fill ablation: each kind's ΔNLL with the default fill and with ``--fill-share`` runs, on the
     seeds both have."""
-    out = []
+    out, means = [], {}
     for model, kind, share in sorted({(r["model"], r["kind"], r["fill_share"]) for r in rows if r.get("fill_share") is not None}):
         abl = {r["seed"]: r["dnll"] for r in rows if (r["model"], r["kind"], r.get("fill_share")) == (model, kind, share)}
         base = {r["seed"]: r["dnll"] for r in rows if (r["model"], r["kind"], r.get("fill_share")) == (model, kind, None)}
@@ -187,12 +187,17 @@ def _fill_table(rows: list[dict]) -> str:
         if seeds:
             out.append([model, LABELS[kind], _mean_cell([base[s] for s in seeds]), f"{share:g}",
                         _mean_cell([abl[s] for s in seeds]), " ".join(map(str, seeds))])
+            means.setdefault((model, share), []).append((statistics.mean(base[s] for s in seeds),
+                                                         statistics.mean(abl[s] for s in seeds)))
     if not out:
         return ""
+    summary = "; ".join(f"{m} fill {sh:g}: {statistics.mean(a for _, a in v):+.4f} against {statistics.mean(b for b, _ in v):+.4f} "
+                        f"with the default ({len(v)} kinds)" for (m, sh), v in sorted(means.items()))
     return ("\n\nCalibration fill ablation (`--fill-share`): an expert under that share of its fair share of a batch's "
             "tokens also sees all tokens at the missing share's weight, for its Hessian; 0 turns the fill off. Same "
             "seeds, masks and device as the table above.\n\n"
-            + md_table(["model", "file", "ΔNLL, default fill (0.25)", "fill share", "ΔNLL", "seeds"], out))
+            + md_table(["model", "file", "ΔNLL, default fill (0.25)", "fill share", "ΔNLL", "seeds"], out)
+            + f"\n\nMean ΔNLL over the kinds: {summary}.")
 
 
 def main() -> None:
