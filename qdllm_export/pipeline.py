@@ -62,6 +62,7 @@ class PipelineResult:
     block_errors: list[float] = field(default_factory=list)  # relative output error of each quantized block
     recon: list[dict[str, Any]] = field(default_factory=list)  # block-output tuning, per block (quant.recon)
     equalized: list[dict[str, float]] = field(default_factory=list)  # per block: site -> alpha (quant.equalize)
+    refolded: list[str] = field(default_factory=list)  # canonical names of the float tensors equalization changed
     coverage: list[dict[str, Any]] = field(default_factory=list)  # per MoE block: calibration routing (_hessians)
     seconds: float = 0.0
 
@@ -266,16 +267,14 @@ def _stored_values(stored: Any, w_hat: torch.Tensor, name: str, check_rows: int 
     return w_hat
 
 
-def _norm_names(i: int, alphas: dict[str, float]) -> list[str]:
-    """Canonical names of block ``i``'s norms that hold equalization scales."""
-    return [f"blk.{i}.{site}.weight" for site in ("attn_norm", "ffn_norm") if alphas.get(site, 0.0) != 0.0]
+def _equalized_floats(block: torch.nn.Module, i: int, hf: dict[str, str], result: PipelineResult) -> dict[str, np.ndarray]:
+    """HF name -> float32 value of every float tensor of block ``i`` (norms, a mixture's router) that equalization
+    changed; their canonical names go to ``result.refolded``."""
+    from qdllm_export.quant.equalize import folded_floats
 
-
-def _equalized_norms(block: torch.nn.Module, i: int, hf: dict[str, str], result: PipelineResult) -> dict[str, np.ndarray]:
-    """HF name -> float32 value of every norm of block ``i`` that equalization changed."""
-    norms = block.norms()
-    return {hf[n]: norms[n.split(".")[2]].weight.detach().cpu().numpy().astype(np.float32)
-            for n in _norm_names(i, result.equalized[-1])}
+    changed = {f"blk.{i}.{k}.weight": w for k, w in folded_floats(block, result.equalized[-1]).items()}
+    result.refolded += list(changed)
+    return {hf[n]: w.detach().cpu().numpy().astype(np.float32) for n, w in changed.items()}
 
 
 # ------------------------------------------------------------------------------------------ whole model
@@ -402,7 +401,7 @@ def quantize_checkpoint(
                 err = f", block output error {result.block_errors[-1]:.4f}" if result.block_errors else ""
                 on_layer(i + 1, hp.n_layers, f"block {i} done{err}")
             quantized = {hf[f"blk.{i}.{r}.weight"]: t for r, t in stored.items()}
-            changed = _equalized_norms(block, i, hf, result) if equalize and target.needs_data else {}
+            changed = _equalized_floats(block, i, hf, result) if equalize and target.needs_data else {}
             floats = {hf[n]: _stored(src, n, bf16) for n in src.layer_names(i) if hf[n] not in quantized and hf[n] not in changed}
             writer.add_shard(floats, quantized, bf16, as_is=changed)
             del block, stored, quantized
@@ -425,7 +424,7 @@ def quantize_checkpoint(
             record["expert_coverage"] = result.coverage
         if equalize and target.needs_data:
             record["equalization"] = {"alphas": result.equalized,
-                                      "changed": [n for i, e in enumerate(result.equalized) for n in _norm_names(i, e)]}
+                                      "changed": result.refolded}
         record["tensors"].update({n: {"shape": list(t.shape), **record_of(t)} for n, t in done.items() if is_stored(t)})
         writer.finish(record)
         return result, record

@@ -267,6 +267,28 @@ def test_one_hessian_pass_per_expert_stage(tmp_path, monkeypatch):
                                             sorted(f"ffn_down_exps.{x}" for x in range(4))]
 
 
+def test_equalize_a_mixture_stores_the_scaled_router(tmp_path, cli, monkeypatch):
+    """``quantize --equalize`` on a mixture: the ffn_norm scales reach every expert's gate / up and the router, so
+    the checkpoint stores the changed norm and router in float32, with ``router[:, j] * norm[j]`` (the router's
+    logits) as in the float checkpoint, and names both in the record. One candidate alpha (0.5): every site folds."""
+    from formats.checkpoint import QuantizedCheckpoint
+    from qdllm_export.quant import equalize
+
+    monkeypatch.setattr(equalize, "ALPHAS", (0.5,))
+
+    folder = make_checkpoint(tmp_path / "m", "llada-moe", hp=moe_hparams(n_layers=1))[0]
+    code, _, err = cli("quantize", folder, tmp_path / "q", "--equalize", "--calib-samples", "8", "--seq-len", "32",
+                       "--tune-iters", "0")
+    assert code == 0, err
+    q, src = QuantizedCheckpoint(tmp_path / "q"), HFTensors(folder)
+    changed = q.record["equalization"]["changed"]
+    assert "blk.0.ffn_norm.weight" in changed and "blk.0.ffn_gate_inp.weight" in changed
+    g0, g1 = src.get("blk.0.ffn_norm.weight"), q.get("blk.0.ffn_norm.weight")
+    r0, r1 = src.get("blk.0.ffn_gate_inp.weight"), q.get("blk.0.ffn_gate_inp.weight")
+    assert not np.allclose(g0, g1)
+    np.testing.assert_allclose(r1 * g1[None, :], r0 * g0[None, :], rtol=1e-5, atol=1e-7)
+
+
 def test_imatrix_stacks_experts_with_their_routed_counts(tmp_path):
     """`imatrix` of a mixture: one entry per stacked expert tensor, a row and a count per expert, counted on the
     routed tokens only as llama-imatrix counts them (no calibration fill: expert 3, never routed, counts 0 and

@@ -159,14 +159,16 @@ def test_recon_config_checks():
 
 
 # ------------------------------------------------------------------------------------------ equalization
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada-moe"])
 def test_equalization_preserves_the_float_block(family):
+    """Every site's scales folded (a mixture: every expert's gate / up with the router, each expert's down into its
+    up): the float block's outputs, and a mixture's routing, unchanged."""
     from qdllm_export.models import family_module
     from qdllm_export.models.layers import rope_tables
-    from qdllm_export.quant.equalize import ALPHAS, equalize_block, input_stats
-    from tests.tiny import tiny_hparams
+    from qdllm_export.quant.equalize import ALPHAS, equalize_block, folded_floats, input_stats, sites
+    from tests.tiny import moe_hparams, tiny_hparams
 
-    hp = tiny_hparams(family)
+    hp = moe_hparams() if family == "llada-moe" else tiny_hparams(family)
     torch.manual_seed(0)
     block = family_module(hp).Block(hp).eval()
     with torch.no_grad():
@@ -176,12 +178,18 @@ def test_equalization_preserves_the_float_block(family):
     cos, sin = rope_tables(16, hp.head_dim, hp.rope_theta, torch.device("cpu"))
     with torch.no_grad():
         before = block(x, cos, sin)
+    counts = getattr(getattr(block, "mlp", None), "last_counts", None)
     stats = input_stats(block, lambda: block(x, cos, sin))
     # a "fit" that rewards flattening the columns: every site picks its largest alpha
     chosen = equalize_block(block, stats, lambda r, W, H: W + 0.01 * W.abs().amax(0, keepdim=True))
-    assert set(chosen) == {"attn_norm", "ffn_norm", "attn_v", "ffn_up"}
+    want = {"attn_norm", "ffn_norm", "attn_v"} | ({f"ffn_up_exps.{x}" for x in range(hp.n_expert)} if counts is not None
+                                                  else {"ffn_up"})
+    assert set(chosen) == want == set(sites(block))
     assert any(a != 0.0 for a in chosen.values()) and set(chosen.values()) <= set(ALPHAS)
+    assert set(folded_floats(block, chosen)) == {"attn_norm", "ffn_norm"} | ({"ffn_gate_inp"} if counts is not None else set())
     with torch.no_grad():
         after = block(x, cos, sin)
     rel = float((after - before).norm() / before.norm())
     assert rel < 1e-5, rel
+    if counts is not None:
+        assert torch.equal(block.mlp.last_counts, counts)

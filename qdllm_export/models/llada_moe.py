@@ -158,6 +158,11 @@ class LLaDAMoEDecoderLayer(nn.Module):
         self.self_attn = LLaDAMoEAttention(hp)
         self.post_attention_layernorm = RMSNorm(hp.d_model, hp.norm_eps)
         self.mlp = LLaDAMoESparseMoeBlock(hp)
+        self.n_heads, self.n_kv_heads = hp.n_heads, hp.n_kv_heads
+
+    def norms(self) -> dict[str, RMSNorm]:
+        """Canonical name -> the RMSNorm before the attention and the mixture."""
+        return {"attn_norm": self.input_layernorm, "ffn_norm": self.post_attention_layernorm}
 
     def linears(self) -> dict[str, nn.Linear]:
         """Canonical role -> module, in the order their inputs become available; an expert's role is

@@ -12,6 +12,10 @@ site             linears (columns * s)   folded into (divided by s)
 ``ffn_up``       ffn_down                the rows of ffn_up (``silu(gate) * up`` is linear in up)
 ===============  ======================  =============================================================
 
+In a mixture (``llada-moe``) the ``ffn_norm`` site scales every expert's gate and up, and the router's columns (the
+router reads the same input and stays in high precision: scaled, not fitted); each expert's down is a site of its
+own (``ffn_up_exps.X``), folded into that expert's up. A site whose linears saw no calibration token keeps s = 1.
+
 For each site, ``s = mean|x|^alpha / mean|W|^(1 - alpha)`` (normalised to geometric mean 1) over a grid of
 ``alpha`` (0 included: no change), each candidate scored by the output error ``tr(dW H dW^T)`` of the site's
 linears as the target fits them; the least wins. With grouped-query attention the ``attn_v`` site's scale is
@@ -29,11 +33,31 @@ SITES = {"attn_norm": ("attn_q", "attn_k", "attn_v"), "ffn_norm": ("ffn_gate", "
          "attn_v": ("attn_output",), "ffn_up": ("ffn_down",)}
 
 
+def sites(block: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Site -> the roles of the linears it scales: ``SITES`` for a dense block; a mixture's per the module doc."""
+    linears = block.linears()
+    if "ffn_gate" in linears:
+        return SITES
+    experts = [r.split(".")[1] for r in linears if r.startswith("ffn_down_exps.")]
+    return {"attn_norm": SITES["attn_norm"], "attn_v": SITES["attn_v"],
+            "ffn_norm": tuple(f"ffn_{p}_exps.{x}" for x in experts for p in ("gate", "up")),
+            **{f"ffn_up_exps.{x}": (f"ffn_down_exps.{x}",) for x in experts}}
+
+
+def _router(block: torch.nn.Module) -> torch.nn.Linear | None:
+    """A mixture's router (it reads the ``ffn_norm`` site's input); None for a dense block."""
+    mlp = getattr(block, "mlp", None)
+    return mlp.gate if hasattr(mlp, "experts") else None
+
+
 @torch.no_grad()
 def input_stats(block: torch.nn.Module, run: Callable[[], None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per site: (mean |x_j| ``[n_in]``, ``H [n_in, n_in]``) of its linears' input over one ``run()`` of the block."""
+    """Per site: (mean |x_j| ``[n_in]``, ``H [n_in, n_in]``) of its linears' input over one ``run()`` of the block
+    (a mixture's ``ffn_norm`` site: the router's input, every token; a site no token reached is left out)."""
     linears = block.linears()
-    first = {site: roles[0] for site, roles in SITES.items()}
+    readers = {site: linears[roles[0]] for site, roles in sites(block).items()}
+    if _router(block) is not None:
+        readers["ffn_norm"] = _router(block)
     acc: dict[str, list[Any]] = {}
 
     def hook(site: str, inp: tuple[torch.Tensor, ...]) -> None:
@@ -44,13 +68,13 @@ def input_stats(block: torch.nn.Module, run: Callable[[], None]) -> dict[str, tu
         a[1] += x.T @ x
         a[2] += x.shape[0]
 
-    hooks = [linears[r].register_forward_hook(lambda m, i, o, s=s: hook(s, i)) for s, r in first.items()]
+    hooks = [m.register_forward_hook(lambda m, i, o, s=s: hook(s, i)) for s, m in readers.items()]
     try:
         run()
     finally:
         for h in hooks:
             h.remove()
-    return {s: ((a[0] / a[2]).float(), a[1] / a[2]) for s, a in acc.items()}
+    return {s: ((a[0] / a[2]).float(), a[1] / a[2]) for s, a in acc.items() if a[2] > 0}
 
 
 def _scales(xmean: torch.Tensor, W: torch.Tensor, alpha: float, group: int | None) -> torch.Tensor:
@@ -78,7 +102,9 @@ def equalize_block(block: torch.nn.Module, stats: dict[str, tuple[torch.Tensor, 
     linears, norms = block.linears(), block.norms()
     nh, nkv = block.n_heads, block.n_kv_heads
     chosen = {}
-    for site, roles in SITES.items():
+    for site, roles in sites(block).items():
+        if site not in stats:
+            continue
         xmean, H = stats[site]
         Ws = [linears[r].weight.detach().to(torch.float32) for r in roles]
         group = (nh, nkv) if site == "attn_v" else None
@@ -97,16 +123,27 @@ def equalize_block(block: torch.nn.Module, stats: dict[str, tuple[torch.Tensor, 
     return chosen
 
 
+def folded_floats(block: torch.nn.Module, alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Short name (``attn_norm``, ``ffn_norm``, ``ffn_gate_inp``: the router) -> weight, of each tensor of ``block``
+    kept in float (not a quantized linear) that the folds of ``alphas`` changed."""
+    out = {site: block.norms()[site].weight for site in ("attn_norm", "ffn_norm") if alphas.get(site, 0.0) != 0.0}
+    if "ffn_norm" in out and _router(block) is not None:
+        out["ffn_gate_inp"] = _router(block).weight
+    return out
+
+
 def fold(block: torch.nn.Module, site: str, s: torch.Tensor, linears: dict[str, torch.nn.Linear],
          norms: dict[str, torch.nn.Module]) -> None:
     """``s`` into the site's linears' columns and out of the tensor before them (the module table)."""
-    for r in SITES[site]:
+    for r in sites(block)[site]:
         linears[r].weight.mul_(s[None, :])
     if site in norms:
         norms[site].weight.div_(s)
+        if site == "ffn_norm" and _router(block) is not None:
+            _router(block).weight.mul_(s[None, :])
         return
     src = linears[site]
-    rows = s if site == "ffn_up" else s.view(block.n_kv_heads, block.n_heads // block.n_kv_heads, -1)[:, 0].reshape(-1)
+    rows = s if site.startswith("ffn_up") else s.view(block.n_kv_heads, block.n_heads // block.n_kv_heads, -1)[:, 0].reshape(-1)
     src.weight.div_(rows[:, None])
     if src.bias is not None:
         src.bias.div_(rows)
