@@ -119,7 +119,7 @@ def equalize_block(block: torch.nn.Module, stats: dict[str, tuple[torch.Tensor, 
             if best is None or err < best:
                 best, best_s, chosen[site] = err, s, alpha
         if chosen[site] != 0.0:
-            fold(block, site, best_s, linears, norms)
+            fold(block, site, roles, best_s, linears, norms)
     return chosen
 
 
@@ -132,10 +132,10 @@ def folded_floats(block: torch.nn.Module, alphas: dict[str, float]) -> dict[str,
     return out
 
 
-def fold(block: torch.nn.Module, site: str, s: torch.Tensor, linears: dict[str, torch.nn.Linear],
-         norms: dict[str, torch.nn.Module]) -> None:
-    """``s`` into the site's linears' columns and out of the tensor before them (the module table)."""
-    for r in sites(block)[site]:
+def fold(block: torch.nn.Module, site: str, roles: tuple[str, ...], s: torch.Tensor,
+         linears: dict[str, torch.nn.Linear], norms: dict[str, torch.nn.Module]) -> None:
+    """``s`` into the columns of the site's linears ``roles`` and out of the tensor before them (the module table)."""
+    for r in roles:
         linears[r].weight.mul_(s[None, :])
     if site in norms:
         norms[site].weight.div_(s)
