@@ -44,6 +44,26 @@ def test_ctrl_c_exits_130_with_one_line_and_no_output(tmp_path, verb):
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left
 
 
+def test_ctrl_c_inside_an_import_arrives_after_the_import(tmp_path, monkeypatch):
+    """A signal during an import (torch's runs Python inside C++, where an exception aborts the process) is
+    delivered again once the import has finished, as the verb's Interrupted."""
+    from qdllm_export import cli
+
+    (tmp_path / "interrupted_mod.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nfinished = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    old = signal.signal(signal.SIGINT, cli._raise_interrupted)
+    try:
+        with pytest.raises(cli.Interrupted) as e:
+            import interrupted_mod  # noqa: F401
+            time.sleep(5)
+        finished = getattr(sys.modules.get("interrupted_mod"), "finished", False)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        sys.modules.pop("interrupted_mod", None)
+    assert e.value.signum == signal.SIGINT
+    assert finished  # the module's code ran to its end: the signal did not interrupt the import
+
+
 def test_sigterm_exits_143(tmp_path):
     proc = _spawn("quantize", "tiny-dream", tmp_path / "q", "--calib-samples", "64", "--seq-len", "128")
     _wait_for(lambda: any(tmp_path.iterdir()), 300, proc)

@@ -16,6 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 from formats.errors import QdllmError  # noqa: E402
@@ -36,7 +37,24 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def _importing(frame: Any) -> bool:
+    """True while ``frame`` runs inside an ``import`` (any caller frame belongs to importlib)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    if _importing(frame):
+        # A module's import may run Python inside a C++ extension's init (torch's c10d does): an exception raised
+        # there crosses C++ and aborts the process (SIGABRT, no message). Deliver the signal again shortly; the
+        # handler raises once the import is done.
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
     raise Interrupted(signum)
 
 
