@@ -78,6 +78,20 @@ def check_runs_in_llama_cpp(model: GGUFModel) -> None:
                          f"run; {PLANES_FIX}")
 
 
+def amx_cpu() -> bool:
+    """True on a CPU with Intel AMX (Sapphire Rapids and later; Linux ``/proc/cpuinfo`` flag ``amx_int8``).
+
+    There llama.cpp repacks Q4_K / Q5_K / Q6_K / Q8_0 weights into its AMX buffer and its AMX matmul segfaults
+    (measured with llama-cpp-python 0.3.36 on a Xeon with AMX, our files and ggml's own bytes alike, d 256-2048;
+    llama.cpp issue 20824). Loading without the extra buffer types (``llama-diffusion-cli --no-repack``)
+    runs the plain CPU kernels."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
 class LlamaCppBackend:
     """A stock ``.gguf`` of a ``llada`` / ``dream`` model run by llama.cpp (Backend protocol)."""
 
@@ -95,7 +109,9 @@ class LlamaCppBackend:
         self.threads = threads or int(os.environ.get("QDLLM_LLAMACPP_THREADS", 0)) or min(8, os.cpu_count() or 1)
         self._L = load_llama_cpp()
         L = self._L
-        self._model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        params = L.llama_model_default_params()
+        params.use_extra_bufts = not amx_cpu()
+        self._model = L.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise QdllmError(f"{path}: llama.cpp could not load the file (it needs a llama-cpp-python whose "
                              "llama.cpp knows the llada / dream architectures and these ggml types)")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime_ref.llamacpp import amx_cpu
+
 REPO = Path(__file__).resolve().parents[1]
 DIFFUSION_CLI = Path(os.environ.get("QDLLM_LLAMA_DIFFUSION_CLI",
                                     REPO / ".work" / "llamacpp" / "build" / "bin" / "llama-diffusion-cli"))
@@ -49,7 +51,8 @@ def run_diffusion_cli(path: Path, family: str, attempts: int = 5) -> tuple[subpr
     schedule = (["--diffusion-block-length", str(CANVAS)] if family == "llada"
                 else ["--diffusion-eps", "0.001", "--diffusion-algorithm", "1"])
     cmd = [str(DIFFUSION_CLI), "-m", str(path), "-p", "ROMEO:", "-ub", str(CANVAS), "-c", str(CANVAS), "-b", str(CANVAS),
-           "--diffusion-steps", str(STEPS), *schedule, "--temp", "0", "--top-k", "1", "--seed", "0", "-t", "1"]
+           "--diffusion-steps", str(STEPS), *schedule, "--temp", "0", "--top-k", "1", "--seed", "0", "-t", "1",
+           *(["--no-repack"] if amx_cpu() else [])]
     for _ in range(attempts):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         log = (r.stdout + r.stderr).replace("\r", "\n")
