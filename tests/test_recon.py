@@ -180,12 +180,18 @@ def test_equalization_preserves_the_float_block(family):
         before = block(x, cos, sin)
     counts = getattr(getattr(block, "mlp", None), "last_counts", None)
     stats = input_stats(block, lambda: block(x, cos, sin))
-    # a "fit" that rewards flattening the columns: every site picks its largest alpha
-    chosen = equalize_block(block, stats, lambda r, W, H: W + 0.01 * W.abs().amax(0, keepdim=True))
+    calls: dict[str, int] = {}
+
+    def fit(role: str, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        """Error ``(n - k) * 1%`` of W on the k-th candidate: every site strictly prefers its last alpha."""
+        k = calls[role] = calls.get(role, -1) + 1
+        return W * (1.0 + 0.01 * (len(ALPHAS) - k))
+
+    chosen = equalize_block(block, stats, fit)
     want = {"attn_norm", "ffn_norm", "attn_v"} | ({f"ffn_up_exps.{x}" for x in range(hp.n_expert)} if counts is not None
                                                   else {"ffn_up"})
     assert set(chosen) == want == set(sites(block))
-    assert any(a != 0.0 for a in chosen.values()) and set(chosen.values()) <= set(ALPHAS)
+    assert set(chosen.values()) == {ALPHAS[-1]}
     assert set(folded_floats(block, chosen)) == {"attn_norm", "ffn_norm"} | ({"ffn_gate_inp"} if counts is not None else set())
     with torch.no_grad():
         after = block(x, cos, sin)

@@ -17,8 +17,8 @@ router reads the same input and stays in high precision: scaled, not fitted); ea
 own (``ffn_up_exps.X``), folded into that expert's up. A site whose linears saw no calibration token keeps s = 1.
 
 For each site, ``s = mean|x|^alpha / mean|W|^(1 - alpha)`` (normalised to geometric mean 1) over a grid of
-``alpha`` (0 included: no change), each candidate scored by the output error ``tr(dW H dW^T)`` of the site's
-linears as the target fits them; the least wins. With grouped-query attention the ``attn_v`` site's scale is
+``alpha``, and ``s = 1`` (no change, listed as alpha 0) beside them, each candidate scored by the output error
+``tr(dW H dW^T)`` of the site's linears as the target fits them; the least wins. With grouped-query attention the ``attn_v`` site's scale is
 shared by the query heads reading one kv head. The float block's outputs are unchanged up to float32 rounding.
 """
 
@@ -78,7 +78,10 @@ def input_stats(block: torch.nn.Module, run: Callable[[], None]) -> dict[str, tu
 
 
 def _scales(xmean: torch.Tensor, W: torch.Tensor, alpha: float, group: int | None) -> torch.Tensor:
-    """``[n_in]`` scales of one candidate ``alpha``; ``group``: columns that must share a scale (GQA heads)."""
+    """``[n_in]`` scales of one candidate ``alpha`` (0: all ones, the no-change candidate); ``group``: columns that
+    must share a scale (GQA heads)."""
+    if alpha == 0.0:
+        return torch.ones_like(xmean)
     w = (W.abs() / W.abs().amax(1, keepdim=True).clamp_min(1e-12)).mean(0)
     s = xmean.clamp_min(1e-6).pow(alpha) / w.clamp_min(1e-6).pow(1.0 - alpha)
     if group is not None:
