@@ -32,6 +32,7 @@ RESULTS = ROOT / "docs" / "results" / "recon.jsonl"
 KINDS = ("q2_k", "auto", "int2", "planes", "gptq3")
 VARIANTS = ("base", "tune", "eq", "eq+tune")
 MODELS = ("tiny-llada", "tiny-dream")
+EQ_SCORING = 2  # 2: the no-change candidate scored as s = 1 (2026-12-06); rows without the key scored it as 1/mean|W|
 
 
 def target(model: str, kind: str, ccfg):
@@ -83,7 +84,7 @@ def run(a: argparse.Namespace) -> None:
         row = dict(model=a.model, kind=a.kind, variant=a.variant, seed=seed, iters=steps, lr=a.lr, dnll=v - base,
                    bits_per_weight_linear=rec["bits_per_weight_linear"], seconds=time.time() - t0,
                    kept=[b["kept"] for b in blocks], loss_ratio=[b["loss_after"] / b["loss_before"] for b in blocks],
-                   threads=a.threads)
+                   threads=a.threads, **({"eq_scoring": EQ_SCORING} if a.variant.startswith("eq") else {}))
         print(json.dumps(row), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
@@ -92,6 +93,11 @@ def run(a: argparse.Namespace) -> None:
 
 def _rows() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
+
+
+def _old_eq(row: dict) -> bool:
+    """An equalization row measured before the no-change candidate was scored as s = 1."""
+    return row["variant"].startswith("eq") and row.get("eq_scoring", 1) < EQ_SCORING
 
 
 def _cell(rows: list[dict]) -> str:
@@ -105,7 +111,8 @@ def report(_: argparse.Namespace) -> None:
     from qdllm_export.quant.recon import DEFAULT_ITERS
 
     rows = _rows()
-    main = [r for r in rows if r.get("lr") is None and r["variant"] in VARIANTS and r["iters"] in (0, *DEFAULT_ITERS.values())]
+    main = [r for r in rows if r.get("lr") is None and r["variant"] in VARIANTS and r["iters"] in (0, *DEFAULT_ITERS.values())
+            and not _old_eq(r)]
     columns = sorted({(VARIANTS.index(r["variant"]), r["iters"]) for r in main})
     labels = [VARIANTS[v] + (f" {it}" if it else "") for v, it in columns]
     table = []
@@ -117,7 +124,8 @@ def report(_: argparse.Namespace) -> None:
             cells = [_cell([r for r in sel if (VARIANTS.index(r["variant"]), r["iters"]) == c]) for c in columns]
             table.append([kind, model, f"{sel[0]['bits_per_weight_linear']:.3f}", *cells])
     sweep = [r for r in rows if r not in main]
-    sweep_rows = [[r["kind"], r["model"], r["variant"], r["iters"], r.get("lr") or "default", r["seed"], f"{r['dnll']:+.4f}"]
+    sweep_rows = [[r["kind"], r["model"], r["variant"] + (" (old no-change scoring)" if _old_eq(r) else ""),
+                   r["iters"], r.get("lr") or "default", r["seed"], f"{r['dnll']:+.4f}"]
                   for r in sweep]
     body = ("## Block-output tuning and equalization (`bench/recon.py`, issue 16)\n\n"
             f"Machine: {machine()}. ΔNLL (nats/token) of the quantized checkpoint as shipped (embedding Q4_K, head "
