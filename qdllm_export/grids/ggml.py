@@ -36,8 +36,8 @@ import torch
 
 from formats import ggml_tensor as gt
 from formats.ggml_tensor import GGMLTensor
+from qdllm_export.grids.ggml_search import affine_sub_fit, chunks, pick, sym_sub_fit, wsum
 
-SUB_RATIOS = torch.linspace(0.6, 1.3, 29).tolist()  # symmetric sub-block candidates: max|x| -> ratio * extreme level
 D_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.8, 0.75, 1.03, 1.06, 1.1)  # block scale candidates
 CD_STEPS = 2  # coordinate-descent rounds in init and refit
 
@@ -270,8 +270,8 @@ class GGMLGrid:
     def _sub_fit(self, X: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best continuous scale ``s`` and offset ``o`` [n, S] per sub-block (value = s*lev - o)."""
         if self.spec.affine:
-            return _affine_sub_fit(X, wt, len(self.spec.levels) - 1, clamp_min=self.spec.m_range is not None)
-        return _sym_sub_fit(self, X, wt), torch.zeros(X.shape[:2], device=X.device)
+            return affine_sub_fit(X, wt, len(self.spec.levels) - 1, clamp_min=self.spec.m_range is not None)
+        return sym_sub_fit(self.levels(X.device), self.nearest, X, wt), torch.zeros(X.shape[:2], device=X.device)
 
     def _errors(self, X: torch.Tensor, wt: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes under per-sub-block ``dl``, ``ml`` [..., n, S] (leading candidate dims allowed) and
@@ -299,7 +299,7 @@ class GGMLGrid:
                o: torch.Tensor) -> torch.Tensor:
         """Weighted error [K, n] of the re-rounded block under each candidate ``d``, ``dmin`` [K, n]."""
         out = []
-        for k0, k1 in _chunks(d.shape[0], X.numel(), X.device):
+        for k0, k1 in chunks(d.shape[0], X.numel(), X.device):
             sc, m = self._fields(d[k0:k1], dmin[k0:k1], s, o)
             out.append(self._errors(X, wt, d[k0:k1, :, None] * sc, dmin[k0:k1, :, None] * m)[1].sum(-1))
         return torch.cat(out)
@@ -322,10 +322,10 @@ class GGMLGrid:
                 xs = s.gather(1, s.abs().argmax(1, keepdim=True))[:, 0]  # signed largest sub-scale
                 D = fp16(torch.cat([xs / (lo * r), xs / (hi * r)]))
             dmin = fp16(o.amax(1) / sp.m_range[1]) if sp.affine else torch.zeros(n, device=X.device)
-            d = _pick(D, self._score(X, wt, D, dmin.expand_as(D), s, o))
+            d = pick(D, self._score(X, wt, D, dmin.expand_as(D), s, o))
             if sp.affine:
                 M = fp16(o.amax(1) / (sp.m_range[1] * r))
-                dmin = _pick(M, self._score(X, wt, d.expand_as(M), M, s, o))
+                dmin = pick(M, self._score(X, wt, d.expand_as(M), M, s, o))
             sc, m = self._fields(d, dmin, s, o)
         idx = self._errors(X, wt, d[:, None] * sc, dmin[:, None] * m)[0]
         return GGMLState(d, dmin, sc, m, idx.view(n, -1).to(torch.uint8))
@@ -361,10 +361,10 @@ class GGMLGrid:
         lev = self.levels(X.device)
         a = st.sc[..., None] * lev[q]  # value = d * a + dmin * b
         b = (-st.m[..., None]).expand_as(a)
-        saa, sax = _wsum(a * a, wt), _wsum(a * X, wt)
+        saa, sax = wsum(a * a, wt), wsum(a * X, wt)
         if not self.spec.affine:
             return fp16(torch.where(saa > 0, sax / saa.clamp_min(1e-30), st.d)), st.dmin
-        sab, sbb, sbx = _wsum(a * b, wt), _wsum(b * b, wt), _wsum(b * X, wt)
+        sab, sbb, sbx = wsum(a * b, wt), wsum(b * b, wt), wsum(b * X, wt)
         det = saa * sbb - sab * sab
         ok = det > 1e-12 * (saa * sbb).clamp_min(1e-30)
         det = torch.where(ok, det, torch.ones_like(det))
@@ -419,87 +419,3 @@ def _pack_q2_k_torch(states: list[GGMLState]) -> torch.Tensor:
     crumbs = (q.view(*q.shape[:-1], 2, 4, 32) << shifts).sum(-2, dtype=torch.uint8).view(*q.shape[:-1], 64)
     fp = [h.contiguous().view(torch.uint8).view(*d.shape, 2) for h in halves]  # little-endian on every CUDA host
     return torch.cat([scales, crumbs, *fp], dim=-1)
-
-
-CHUNK = 1 << 23  # elements of one candidate batch [K, n, S, L] (32 MB of float32 per temporary)
-CHUNK_CUDA = 1 << 26  # on a GPU (256 MB a temporary): a linear of 8B's shapes gets several candidates a launch
-
-
-def _chunks(k: int, per: int, device: torch.device | None = None) -> list[tuple[int, int]]:
-    """Candidate ranges ``[k0, k1)`` of at most ``CHUNK / per`` candidates each (``CHUNK_CUDA`` on a GPU:
-    each candidate is computed alone and the first least error wins across chunks, so only the number of
-    launches changes)."""
-    step = max(1, (CHUNK_CUDA if device is not None and device.type == "cuda" else CHUNK) // max(per, 1))
-    return [(k0, min(k, k0 + step)) for k0 in range(0, k, step)]
-
-
-def _pick(cands: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-    """Per row, the candidate [K, n] of least error [K, n] (the first on ties) -> [n]."""
-    return cands.gather(0, err.argmin(0, keepdim=True))[0]
-
-
-def _wsum(a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over sub-blocks and elements: ``[n, S, L]`` -> ``[n]``."""
-    return (a * wt).sum((1, 2))
-
-
-def _sym_sub_fit(grid: GGMLGrid, X: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """Best continuous signed scale [n, S] per sub-block of a symmetric type (value = s * lev): the largest
-    value mapped to a ratio of either extreme level, each candidate re-solved by least squares."""
-    lev = grid.levels(X.device)
-    xm = X.gather(-1, X.abs().argmax(-1, keepdim=True))[..., 0]  # signed largest value [n, S]
-    sxx = (wt * X * X).sum(-1)
-    ends = [L * r for L in (grid.spec.levels[0], grid.spec.levels[-1]) for r in SUB_RATIOS]
-    best_e, best_s = sxx, torch.zeros_like(sxx)  # s = 0
-    for k0, k1 in _chunks(len(ends), X.numel(), X.device):
-        s = xm / torch.tensor(ends[k0:k1], device=X.device)[:, None, None]  # [K, n, S]
-        v = lev[grid.nearest(X, s[..., None], torch.zeros_like(s)[..., None])]
-        svv, svx = (wt * v * v).sum(-1), (wt * v * X).sum(-1)
-        ok = svv > 0
-        e = torch.where(ok, sxx - svx * svx / svv.clamp_min(1e-30), sxx)
-        s_ls = torch.where(ok, svx / svv.clamp_min(1e-30), 0.0)
-        k = e.argmin(0, keepdim=True)
-        e, s_ls = e.gather(0, k)[0], s_ls.gather(0, k)[0]
-        better = e < best_e
-        best_e, best_s = torch.where(better, e, best_e), torch.where(better, s_ls, best_s)
-    return best_s
-
-
-def _affine_sub_fit(X: torch.Tensor, wt: torch.Tensor, nq: int, clamp_min: bool,
-                    rmin: float = -0.9, rdelta: float = 0.05, nstep: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best continuous (scale, offset) [n, S] per sub-block, value = s * q - o, q in 0..nq (llama.cpp's
-    ``make_qkx3_quants`` search, vectorised over candidates). ``clamp_min``: the offset is a min of the
-    block (o >= 0)."""
-    mn = X.amin(-1)
-    if clamp_min:
-        mn = mn.clamp(max=0.0)
-    span = X.amax(-1) - mn
-    flat = span <= 0
-    span = torch.where(flat, 1.0, span)
-    Xm = X - mn[..., None]
-    sw, sx = wt.sum(-1).expand_as(mn), (wt * X).sum(-1)
-    best_e = torch.full_like(mn, float("inf"))
-    best_s, best_o = torch.zeros_like(mn), -mn
-    steps = [nq + rmin + rdelta * k for k in range(nstep + 1)]
-    for k0, k1 in _chunks(len(steps), X.numel(), X.device):
-        iscale = torch.tensor(steps[k0:k1], device=X.device)[:, None, None] / span  # [K, n, S]
-        q = torch.round(iscale[..., None] * Xm).clamp_(0, nq)
-        wq = wt * q
-        sq, sqq, sqx = wq.sum(-1), (wq * q).sum(-1), (wq * X).sum(-1)
-        D = sw * sqq - sq * sq
-        ok = D > 0
-        Ds = torch.where(ok, D, 1.0)
-        s = (sw * sqx - sx * sq) / Ds
-        m = (sqq * sx - sq * sqx) / Ds
-        if clamp_min:
-            pos = m > 0
-            s = torch.where(pos, sqx / sqq.clamp_min(1e-30), s)
-            m = torch.where(pos, 0.0, m)
-        e = torch.where(ok, (wt * (s[..., None] * q + m[..., None] - X).square()).sum(-1), float("inf"))
-        k = e.argmin(0, keepdim=True)
-        e, s, m = e.gather(0, k)[0], s.gather(0, k)[0], m.gather(0, k)[0]
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s, best_o = torch.where(better, s, best_s), torch.where(better, -m, best_o)
-    best_s = torch.where(flat, 0.0, best_s.clamp_min(0.0))
-    return best_s, best_o
