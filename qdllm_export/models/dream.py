@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from formats.families import HParams
-from qdllm_export.models.layers import RMSNorm, apply_rope, attention, merge_heads, rope_tables, split_heads
+from qdllm_export.models.layers import RMSNorm, StackLM, apply_rope, attention, merge_heads, split_heads
 
 
 class DreamAttention(nn.Module):
@@ -74,39 +74,11 @@ class DreamDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DreamBase(nn.Module):
-    def __init__(self, hp: HParams):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(hp.n_vocab, hp.d_model)
-        self.layers = nn.ModuleList(DreamDecoderLayer(hp) for _ in range(hp.n_layers))
-        self.norm = RMSNorm(hp.d_model, hp.norm_eps)
-
-
-class DreamModel(nn.Module):
+class DreamModel(StackLM):
     """``forward(ids [B, T] long) -> raw logits [B, T, V]``; row i scores token i + 1."""
 
     def __init__(self, hp: HParams):
-        super().__init__()
-        self.hp = hp
-        self.model = DreamBase(hp)
-        self.lm_head = nn.Linear(hp.d_model, hp.n_vocab, bias=False)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids)
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(x))
-
-    def forward(self, ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(ids)
-        cos, sin = rope_tables(ids.shape[1], self.hp.head_dim, self.hp.rope_theta, ids.device)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, key_mask)
-        return self.head(x)
+        super().__init__(hp, DreamDecoderLayer)
 
 
 Block = DreamDecoderLayer

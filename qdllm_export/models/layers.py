@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from formats.families import HParams
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, cast back, then scaled (LLaDA and Qwen2 order)."""
@@ -59,3 +61,56 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[B, H, T, hd] -> [B, T, H*hd]``."""
     b, h, t, d = x.shape
     return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class DiffusionLM(nn.Module):
+    """``forward(ids [B, T] long, key_mask [B, T] bool | None) -> logits [B, T, V]``: the embedding, every block
+    with the RoPE tables of ``T``, the head. A family gives ``blocks``, ``embed`` and ``head``; the alignment of
+    the logits (row ``i`` scores token ``i`` or ``i + 1``) is the family's."""
+
+    hp: HParams
+    blocks: nn.ModuleList
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(ids)
+        cos, sin = rope_tables(ids.shape[1], self.hp.head_dim, self.hp.rope_theta, ids.device)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, key_mask)
+        return self.head(x)
+
+
+class DecoderStack(nn.Module):
+    """The ``model.`` part of the Hugging Face layout Dream and LLaDA-MoE share: ``embed_tokens``, ``layers``
+    (``n_layers`` of ``layer(hp)``), the final ``norm``."""
+
+    def __init__(self, hp: HParams, layer: type[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hp.n_vocab, hp.d_model)
+        self.layers = nn.ModuleList(layer(hp) for _ in range(hp.n_layers))
+        self.norm = RMSNorm(hp.d_model, hp.norm_eps)
+
+
+class StackLM(DiffusionLM):
+    """``model`` (a ``DecoderStack``) and an untied ``lm_head``: ``model.layers.N.*``, ``lm_head.weight``."""
+
+    def __init__(self, hp: HParams, layer: type[nn.Module]):
+        super().__init__()
+        self.hp = hp
+        self.model = DecoderStack(hp, layer)
+        self.lm_head = nn.Linear(hp.d_model, hp.n_vocab, bias=False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # type: ignore[override]
+        return self.model.layers
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x))

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from formats.families import HParams
-from qdllm_export.models.layers import RMSNorm, apply_rope, attention, merge_heads, rope_tables, split_heads
+from qdllm_export.models.layers import DiffusionLM, RMSNorm, apply_rope, attention, merge_heads, split_heads
 
 
 class LLaDABlock(nn.Module):
@@ -62,7 +62,7 @@ class LLaDAModel(nn.Module):
         )
 
 
-class LLaDAModelLM(nn.Module):
+class LLaDAModelLM(DiffusionLM):
     """``forward(ids [B, T] long) -> logits [B, T, V]``; row i scores token i."""
 
     def __init__(self, hp: HParams):
@@ -71,7 +71,7 @@ class LLaDAModelLM(nn.Module):
         self.model = LLaDAModel(hp)
 
     @property
-    def blocks(self) -> nn.ModuleList:
+    def blocks(self) -> nn.ModuleList:  # type: ignore[override]
         return self.model.transformer["blocks"]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,13 +79,6 @@ class LLaDAModelLM(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.transformer["ff_out"](self.model.transformer["ln_f"](x))
-
-    def forward(self, ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(ids)
-        cos, sin = rope_tables(ids.shape[1], self.hp.head_dim, self.hp.rope_theta, ids.device)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, key_mask)
-        return self.head(x)
 
 
 Block = LLaDABlock
