@@ -4,7 +4,7 @@
 
 Counts the bytes of every tensor the writer emits: Q1_0 planes (18 bytes per 128 signs, the row scale
 inside), F16 column scales, I8 plane counts, F32 norms, and token_embd / output in their ggml type (the
-default of ``gguf``: Q4_K / Q6_K, ``formats.gguf.default_embed_types``; or F16, Q8_0). Quant-dLLM at a 2-plane
+default of ``gguf``: Q4_K / Q6_K, ``formats.gguf_types.default_embed_types``; or F16, Q8_0). Quant-dLLM at a 2-plane
 budget keeps the total plane count at exactly 2 per block whatever ABMP chooses, so the size does not depend
 on the weights. GPTQ/RTN add a per-row, per-block mu. Stock outtypes: every linear in the ggml type.
 """
@@ -56,7 +56,7 @@ def projected(hp: HParams, planes_per_block: int | None, mu: bool, embed: str, h
 
 
 def main() -> None:
-    from formats.gguf import default_embed_types
+    from formats.gguf_types import default_embed_types
 
     rows = []
     fp16 = sum(2.0 * np.prod(canonical_shape(HP8B, n)) for n in canonical_names(HP8B)) / 1e9

@@ -177,7 +177,7 @@ def tensor_types(b: Any) -> dict[str, str]:
 
 def table_types(b: Any) -> dict[str, str]:
     """The types ``b`` holds the embedding and the head in."""
-    from formats.gguf import EMBED_ROLES
+    from formats.gguf_types import EMBED_ROLES
 
     return {n: t for n, t in tensor_types(b).items() if n in EMBED_ROLES}
 

@@ -22,7 +22,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from formats.errors import QdllmError  # noqa: E402
 from formats.ggml_tensor import GGMLTensor  # noqa: E402
-from formats.gguf import STOCK_TYPES, write_gguf  # noqa: E402
+from formats.gguf import write_gguf  # noqa: E402
+from formats.gguf_types import STOCK_TYPES  # noqa: E402
 from formats.gguf_read import read_gguf  # noqa: E402
 from formats.tensors import DictTensors, HFTensors, canonical_names, is_linear  # noqa: E402
 from formats.tokenizer import load_tokenizer  # noqa: E402

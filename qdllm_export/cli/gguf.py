@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 import typer
 
 from formats.errors import QdllmError
-from formats.gguf import EMBED_CHOICES, OUTTYPES, PLANES, STOCK_TYPES, canonical_outtype, default_embed_types
+from formats.gguf_types import EMBED_CHOICES, OUTTYPES, PLANES, STOCK_TYPES, canonical_outtype, default_embed_types
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, block_progress, console
 from qdllm_export.cli.export import export_source, print_closing, quant_options_given, with_quant_options
@@ -70,7 +70,8 @@ def gguf_(
 ) -> None:
     """Write a llama.cpp GGUF (architecture llada / dream): binary planes, or stock ggml types llama.cpp runs."""
     checks.output_suffix(out, ".gguf", "gguf")
-    from formats.gguf import EMBED_TYPES, write_gguf
+    from formats.gguf import write_gguf
+    from formats.gguf_types import EMBED_TYPES
     from runtime_ref.gguf_model import GGUFBackend
 
     t0 = time.time()

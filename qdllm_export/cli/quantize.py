@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from formats.errors import QdllmError
-from formats.gguf import DEFAULT_EMBED, EMBED_CHOICES
+from formats.gguf_types import DEFAULT_EMBED, EMBED_CHOICES
 from qdllm_export.cli import checks
 from qdllm_export.cli.app import app, block_progress, console, console_err
 

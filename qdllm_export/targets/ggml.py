@@ -11,7 +11,7 @@ ggml blocks) onto one ggml type per linear:
 * ``imatrix``: a llama.cpp imatrix file as the (diagonal) importance instead of calibrating.
 
 ``token_embd`` and ``output`` are encoded by the pipeline (``targets.tables``, with ``tables.GridEncoder``; llama.cpp-like
-defaults: ``formats.gguf.default_embed_types``). The result is a quantized checkpoint of ``GGMLTensor`` linears and
+defaults: ``formats.gguf_types.default_embed_types``). The result is a quantized checkpoint of ``GGMLTensor`` linears and
 tables; ``formats.gguf`` writes their bytes unchanged.
 """
 
@@ -28,7 +28,7 @@ import torch
 
 from formats.errors import QdllmError
 from formats.families import HParams
-from formats.gguf import OUTTYPES, STOCK_TYPES
+from formats.gguf_types import OUTTYPES, STOCK_TYPES
 from formats.tensors import canonical_names, canonical_shape, is_linear
 from qdllm_export.calib import CalibConfig
 from qdllm_export.grids import GridConfig

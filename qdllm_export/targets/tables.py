@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from formats.errors import QdllmError
-from formats.gguf import DEFAULT_EMBED, EMBED_CHOICES, EMBED_ROLES
+from formats.gguf_types import DEFAULT_EMBED, EMBED_CHOICES, EMBED_ROLES
 from formats.stored import is_stored
 
-TABLES = EMBED_ROLES  # (token_embd, output): formats.gguf names them once
+TABLES = EMBED_ROLES  # (token_embd, output): formats.gguf_types names them once
 FLOATS = {"f32": np.float32, "f16": np.float16}
 
 
@@ -77,7 +77,7 @@ def type_name(t: Any) -> str:
 
 
 class GridEncoder:
-    """``token_embd`` / ``output`` in a ggml type (``formats.gguf.TensorEncoder``): ggml's own encoder
+    """``token_embd`` / ``output`` in a ggml type (``formats.gguf_types.TensorEncoder``): ggml's own encoder
     through libggml (what llama-quantize applies to these tensors; fast) when llama-cpp-python is
     installed, else qdllm's grid with plain rounding. ``importance``: llama.cpp name -> column importance
     ``[n_in]`` (e.g. ``output.weight`` from an imatrix)."""
