@@ -31,7 +31,7 @@ from bench.report import machine, md_table, write_section  # noqa: E402
 RESULTS = ROOT / "docs" / "results" / "recon.jsonl"
 KINDS = ("q2_k", "auto", "int2", "planes", "gptq3")
 VARIANTS = ("base", "tune", "eq", "eq+tune")
-MODELS = ("tiny-llada", "tiny-dream")
+MODELS = ("tiny-llada", "tiny-dream", "tiny-llada-moe")
 EQ_SCORING = 2  # 2: the no-change candidate scored as s = 1 (2026-12-06); rows without the key scored it as 1/mean|W|
 
 
@@ -128,7 +128,8 @@ def report(_: argparse.Namespace) -> None:
                    r["iters"], r.get("lr") or "default", r["seed"], f"{r['dnll']:+.4f}"]
                   for r in sweep]
     body = ("## Block-output tuning and equalization (`bench/recon.py`, issue 16)\n\n"
-            f"Machine: {machine()}. ΔNLL (nats/token) of the quantized checkpoint as shipped (embedding Q4_K, head "
+            f"Machines: {machine()} for the rows of 2026-12-06 (equalization re-measured, tiny-llada-moe), an Intel "
+            "Xeon @ 2.80GHz (2 cores) for the earlier ones; the figures are ΔNLL, not times. ΔNLL (nats/token) of the quantized checkpoint as shipped (embedding Q4_K, head "
             "Q6_K) in PyTorch, against the float model: masked-diffusion bound on 64 x 128 tokens of the bundled "
             "validation text, 4 Monte-Carlo masks, identical masks for every file; MCS calibration 128 x 256 "
             "tokens. Each cell: mean over calibration seeds (their count in brackets; per seed, with each block's "
