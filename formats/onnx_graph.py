@@ -207,22 +207,31 @@ def build_forward(b: Builder, hp: HParams, linear: Linear, vector: Callable[[str
 
     def moe(h: str, p: str) -> str:
         """Routing in the graph: softmax over the router's logits, TopK (ties: lowest id), the k weights scattered
-        into a dense ``[B, T, E]`` (zero for experts not chosen, not renormalised); every expert runs on every token
-        and its output is weighted by its column (correctness first: E / k times the routed compute)."""
+        into a dense ``[N, E]`` over the ``N = B * T`` tokens (not renormalised). Each expert runs only on its
+        routed tokens (``NonZero`` of its column, ``Gather``) and its weighted output is added back into their rows
+        (``ScatterND``, reduction add), experts in id order as the float model. Every expert's batch also holds
+        token 0 at weight 0 (it adds an exact zero), so no batch is empty: the plane functions' reshapes cannot
+        infer a dimension of an empty tensor."""
         probs = b.op("Softmax", [linear(b, h, p + "ffn_gate_inp.weight")], axis=-1)
         top = [b.name("topk_w"), b.name("topk_i")]
         b.nodes.append(helper.make_node("TopK", [probs, b.const([hp.n_expert_used])], top, name=top[0], axis=-1,
                                         largest=1, sorted=1))
         dense = b.op("ScatterElements", [b.op("Mul", [probs, b.const(0.0, fp)]), top[1], top[0]], axis=-1)
-        out = None
+        dense = b.op("Reshape", [dense, b.const([-1, hp.n_expert])])  # [N, E]
+        rows_of_h = b.op("Reshape", [h, b.const([-1, hp.d_model])])  # [N, d]
+        out = b.op("Mul", [rows_of_h, b.const(0.0, fp)])
         for e in range(hp.n_expert):
-            g = linear(b, h, p + f"ffn_gate_exps.{e}.weight")
-            u = linear(b, h, p + f"ffn_up_exps.{e}.weight")
+            w = b.op("Gather", [dense, b.const(e)], axis=1)  # [N]
+            routed = b.op("Squeeze", [b.op("NonZero", [b.op("Greater", [w, b.const(0.0, fp)])]), b.const([0])])
+            rows = b.op("Concat", [routed, b.const([0])], axis=0)  # [n_e + 1]: the routed tokens and token 0
+            we = b.op("Concat", [b.op("Gather", [w, routed], axis=0), b.const([0.0], fp)], axis=0)
+            xe = b.op("Gather", [rows_of_h, rows], axis=0)  # [n_e + 1, d]
+            g = linear(b, xe, p + f"ffn_gate_exps.{e}.weight")
+            u = linear(b, xe, p + f"ffn_up_exps.{e}.weight")
             act = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
-            w = b.op("Slice", [dense, b.const([e]), b.const([e + 1]), b.const([-1])])
-            y = b.op("Mul", [linear(b, act, p + f"ffn_down_exps.{e}.weight"), w])
-            out = y if out is None else b.op("Add", [out, y])
-        return out
+            y = b.op("Mul", [linear(b, act, p + f"ffn_down_exps.{e}.weight"), b.op("Unsqueeze", [we, b.const([1])])])
+            out = b.op("ScatterND", [out, b.op("Unsqueeze", [rows, b.const([1])]), y], reduction="add")
+        return b.op("Reshape", [out, b.op("Shape", [h])])
 
     b.scope = "embed/"
     x = embed(b, "input_ids")  # [B, T, d]
