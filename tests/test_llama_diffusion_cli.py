@@ -1,4 +1,4 @@
-"""The real client: stock ``llama-diffusion-cli`` runs our ``q2_k`` GGUF of each bundled family.
+"""The real client: stock ``llama-diffusion-cli`` runs our ``q2_k`` GGUF of each bundled family (the mixture too).
 
 The tool is built by ``scripts/build_llama_tools.sh`` (about 20 minutes on a busy 2-core machine) from the llama.cpp
 that llama-cpp-python vendors; without it these tests are skipped (CI does not build it). The files are written
@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIFFUSION_CLI = Path(os.environ.get("QDLLM_LLAMA_DIFFUSION_CLI",
                                     REPO / ".work" / "llamacpp" / "build" / "bin" / "llama-diffusion-cli"))
 STEPS, CANVAS = 16, 64
+FAMILIES = ("llada", "dream", "llada-moe")
 LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ?")  # llama.cpp's log timestamp, e.g. "0.02.111.248 I "
 
 pytestmark = pytest.mark.skipif(not DIFFUSION_CLI.exists(),
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(not DIFFUSION_CLI.exists(),
 def q2k_files(tmp_path_factory) -> dict[str, Path]:
     """{family: path} of ``qdllm-export gguf tiny-<family> x.gguf --outtype q2_k --rounding rtn``."""
     out = {}
-    for fam in ("llada", "dream"):
+    for fam in FAMILIES:
         path = tmp_path_factory.mktemp(fam) / f"tiny-{fam}-q2k.gguf"
         r = subprocess.run([sys.executable, "-m", "qdllm_export", "gguf", f"tiny-{fam}", str(path), "--outtype", "q2_k",
                             "--rounding", "rtn"], cwd=REPO, capture_output=True, text=True, timeout=1200)
@@ -48,7 +49,7 @@ def run_diffusion_cli(path: Path, family: str, attempts: int = 5) -> tuple[subpr
     llama.cpp's log is written by a thread that the tool does not flush before it exits (common/log.cpp, "logs
     may be lost"): on a busy machine the last lines, the timing and the text, are sometimes cut (2 runs in 10
     here). A run that exits 0 without its timing line or text is run again, at most ``attempts`` times."""
-    schedule = (["--diffusion-block-length", str(CANVAS)] if family == "llada"
+    schedule = (["--diffusion-block-length", str(CANVAS)] if family.startswith("llada")
                 else ["--diffusion-eps", "0.001", "--diffusion-algorithm", "1"])
     cmd = [str(DIFFUSION_CLI), "-m", str(path), "-p", "ROMEO:", "-ub", str(CANVAS), "-c", str(CANVAS), "-b", str(CANVAS),
            "--diffusion-steps", str(STEPS), *schedule, "--temp", "0", "--top-k", "1", "--seed", "0", "-t", "1",
@@ -69,7 +70,7 @@ def generated_text(log: str) -> str:
     return "\n".join(LOG_PREFIX.sub("", line) for line in tail.splitlines()).strip()
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_llama_diffusion_cli_runs_our_q2_k_file(q2k_files, family):
     """Exit 0, every step run and timed, and text out: the generated canvas decodes to words."""
     r, log = run_diffusion_cli(q2k_files[family], family)
