@@ -219,7 +219,7 @@ def build_forward(b: Builder, hp: HParams, linear: Linear, vector: Callable[[str
         dense = b.op("ScatterElements", [b.op("Mul", [probs, b.const(0.0, fp)]), top[1], top[0]], axis=-1)
         dense = b.op("Reshape", [dense, b.const([-1, hp.n_expert])])  # [N, E]
         rows_of_h = b.op("Reshape", [h, b.const([-1, hp.d_model])])  # [N, d]
-        out = b.op("Mul", [rows_of_h, b.const(0.0, fp)])
+        out = b.op("ConstantOfShape", [b.op("Shape", [rows_of_h])])  # float32 zeros [N, d]
         for e in range(hp.n_expert):
             w = b.op("Gather", [dense, b.const(e)], axis=1)  # [N]
             routed = b.op("Squeeze", [b.op("NonZero", [b.op("Greater", [w, b.const(0.0, fp)])]), b.const([0])])

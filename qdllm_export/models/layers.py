@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,12 +72,8 @@ class DiffusionLM(nn.Module):
 
     hp: HParams
     blocks: nn.ModuleList
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    embed: Callable[[torch.Tensor], torch.Tensor]  # ids [B, T] long -> x [B, T, d]
+    head: Callable[[torch.Tensor], torch.Tensor]  # x [B, T, d] -> logits [B, T, V]
 
     def forward(self, ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(ids)
