@@ -62,6 +62,10 @@ def run(a: argparse.Namespace) -> None:
     from runtime_ref.likelihood import masked_nll
 
     torch.set_num_threads(a.threads)
+    if a.steps_bf16:  # CUDA's default (ReconConfig.bf16_steps) emulated: each step under CPU bfloat16 autocast
+        import qdllm_export.quant.recon as R
+
+        R._steps_context = lambda x, cfg: torch.autocast("cpu", dtype=torch.bfloat16)
 
     def nll(be, windows) -> float:
         return masked_nll(be.logits, windows, mask_id=be.hparams.mask_token_id, n_mc=4, seed=0,
@@ -84,7 +88,8 @@ def run(a: argparse.Namespace) -> None:
         row = dict(model=a.model, kind=a.kind, variant=a.variant, seed=seed, iters=steps, lr=a.lr, dnll=v - base,
                    bits_per_weight_linear=rec["bits_per_weight_linear"], seconds=time.time() - t0,
                    kept=[b["kept"] for b in blocks], loss_ratio=[b["loss_after"] / b["loss_before"] for b in blocks],
-                   threads=a.threads, **({"eq_scoring": EQ_SCORING} if a.variant.startswith("eq") else {}))
+                   threads=a.threads, **({"eq_scoring": EQ_SCORING} if a.variant.startswith("eq") else {}),
+                   **({"steps_bf16": True} if a.steps_bf16 else {}))
         print(json.dumps(row), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
@@ -112,7 +117,7 @@ def report(_: argparse.Namespace) -> None:
 
     rows = _rows()
     main = [r for r in rows if r.get("lr") is None and r["variant"] in VARIANTS and r["iters"] in (0, *DEFAULT_ITERS.values())
-            and not _old_eq(r)]
+            and not _old_eq(r) and not r.get("steps_bf16")]
     columns = sorted({(VARIANTS.index(r["variant"]), r["iters"]) for r in main})
     labels = [VARIANTS[v] + (f" {it}" if it else "") for v, it in columns]
     table = []
@@ -124,7 +129,7 @@ def report(_: argparse.Namespace) -> None:
             cells = [_cell([r for r in sel if (VARIANTS.index(r["variant"]), r["iters"]) == c]) for c in columns]
             table.append([kind, model, f"{sel[0]['bits_per_weight_linear']:.3f}", *cells])
     sweep = [r for r in rows if r not in main]
-    sweep_rows = [[r["kind"], r["model"], r["variant"] + (" (old no-change scoring)" if _old_eq(r) else ""),
+    sweep_rows = [[r["kind"], r["model"], r["variant"] + (" (old no-change scoring)" if _old_eq(r) else "") + (" (bf16 steps)" if r.get("steps_bf16") else ""),
                    r["iters"], r.get("lr") or "default", r["seed"], f"{r['dnll']:+.4f}"]
                   for r in sweep]
     body = ("## Block-output tuning and equalization (`bench/recon.py`, issue 16)\n\n"
@@ -154,6 +159,8 @@ def main() -> None:
     r.add_argument("--iters", type=int, default=None)
     r.add_argument("--lr", type=float, default=None)
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--steps-bf16", action="store_true",
+                   help="Run each tuning step under bfloat16 autocast on the CPU: the CUDA default, emulated.")
     sub.add_parser("report")
     a = ap.parse_args()
     (run if a.cmd == "run" else report)(a)

@@ -41,15 +41,18 @@ SHAPES = {
     # base: 64 experts of 1024, 8 a token, d 2048, 16 blocks): 7.3 B parameters, 1.4 B active
     "llada-moe-7b-a1b": dict(family="llada-moe", n_vocab=157184, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16,
                              d_ff=8192, n_expert=64, n_expert_used=8, d_ff_exp=1024),
+    # Dream-v0-Instruct-7B (Qwen2.5-7B's shapes: GQA 28 / 4 heads, q/k/v biases, research/models.md)
+    "dream-7b": dict(family="dream", n_vocab=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944),
 }
 SHAPES["small-moe"] = dict(family="llada-moe", n_vocab=4096, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512,
                           n_expert=8, n_expert_used=2, d_ff_exp=256)  # a CPU smoke run of the MoE path
-MASK_IDS = {126464: 126336, 157184: 156895}  # LLaDA-8B's and LLaDA-MoE's; else the last id
-ROPE = {"llada": 500000.0, "llada-moe": 50000.0}
+SHAPES["small-dream"] = dict(family="dream", n_vocab=4096, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=512)
+MASK_IDS = {126464: 126336, 157184: 156895, 152064: 151666}  # LLaDA-8B's, LLaDA-MoE's, Dream's; else the last id
+ROPE = {"llada": 500000.0, "llada-moe": 50000.0, "dream": 1000000.0}
 
 
 def write_random_checkpoint(folder: Path, hp: HParams, device: str, seed: int = 0) -> int:
-    """Random N(0, 0.02) bf16 weights (norms 1) in the family's published layout, one shard per block."""
+    """Random N(0, 0.02) bf16 weights (norms 1, biases 0) in the family's published layout, one shard per block."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,7 @@ def write_random_checkpoint(folder: Path, hp: HParams, device: str, seed: int = 
         for hf in groups[key]:
             shape = expected[hf][2]
             if len(shape) == 1:
-                t = torch.ones(shape, device=device)
+                t = (torch.zeros if hf.endswith(".bias") else torch.ones)(shape, device=device)
             else:
                 t = torch.randn(shape, generator=g, device=device) * 0.02
             tensors[hf] = t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
@@ -249,7 +252,8 @@ def main() -> None:
         m = res["marks"]
         res.update(verb=a.verb, args=a.gguf, layers=shape["n_layers"], full_layers=full_layers,
                    block_seconds_all=[b - x for x, b in zip(m, m[1:])],
-                   file_bytes=sum(f.stat().st_size for f in ([dst] if dst.is_file() else dst.rglob("*"))))
+                   file_bytes=sum(f.stat().st_size for f in ([dst, *dst.parent.glob(dst.name + ".data")] if dst.is_file()
+                                                              else dst.rglob("*"))))  # an ONNX file's external data too
     n_params = sum(int(np.prod(s)) for _, _, s in hp.spec.expected(hp).values())
     res.update(shape=a.shape, device=a.device, machine=machine(), n_params=n_params, checkpoint_gb=size / 2**30,
                calibration=f"{a.samples} x {a.seq_len} tokens", write_seconds=t_write)

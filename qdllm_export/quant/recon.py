@@ -14,6 +14,7 @@ calibration window is lower than with the per-layer fit.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
@@ -33,13 +34,16 @@ class ReconConfig:
     """``iters``: signed-gradient steps per block (0: off; None: ``DEFAULT_ITERS`` of what is tuned); ``lr``:
     first step, in units of each tunable's ``step`` times its ``lr_scale``, falling linearly to 0 (default
     ``1 / iters``, AutoRound's); ``batch``: calibration windows per step; ``target``: ``float`` (the float
-    model's block output on the float model's inputs) or ``local`` (the float block on the quantized inputs)."""
+    model's block output on the float model's inputs) or ``local`` (the float block on the quantized inputs);
+    ``bf16_steps``: on CUDA, each step's forward and backward under bfloat16 autocast (only the sign of the
+    gradient is used; the keep-or-drop losses stay TF32). No effect on the CPU."""
 
     iters: int | None = None
     lr: float | None = None  # default 1 / iters (AutoRound's)
     batch: int = 4
     target: str = "float"
     seed: int = 0
+    bf16_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.iters is not None and self.iters < 0:
@@ -115,13 +119,21 @@ class ReconReport:
 
 
 def _block_loss(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], weights: dict[str, torch.Tensor],
-                x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    """Mean square error of the block's output over every window of ``x [N, L, d]`` against ``y``."""
+                x: torch.Tensor, y: torch.Tensor, batch: int, out: torch.Tensor | None = None) -> float:
+    """Mean square error of the block's output over every window of ``x [N, L, d]`` against ``y``; the outputs
+    go into ``out`` (``[N, L, d]``) where given."""
     tot = 0.0
     with torch.no_grad(), phase("recon:loss"):
         for s in range(0, x.shape[0], batch):
-            tot += float((run(x[s : s + batch], weights) - y[s : s + batch]).square().sum())
+            o = run(x[s : s + batch], weights)
+            tot += float((o - y[s : s + batch]).square().sum())
+            if out is not None:
+                out[s : s + batch] = o
     return tot / y.numel()
+
+
+def _steps_context(x: torch.Tensor, cfg: ReconConfig):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16_steps and x.is_cuda else nullcontext()
 
 
 class _Stack:
@@ -174,13 +186,14 @@ def _stacks(tunables: dict[str, Tunable]) -> list[_Stack]:
 
 def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], tunables: dict[str, Tunable],
                 fitted: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, cfg: ReconConfig
-                ) -> tuple[dict[str, torch.Tensor] | None, ReconReport]:
+                ) -> tuple[dict[str, torch.Tensor] | None, ReconReport, torch.Tensor | None]:
     """Tune the codes of ``tunables`` (role -> Tunable) to minimise ``||run(x, W) - y||^2``.
 
     ``run(x_batch, weights)``: the block's output ``[b, L, d]`` with the weights of ``weights`` (role -> float32
     ``[n_out, n_in]``) in place of its own; ``fitted``: role -> the per-layer fit's stored values; ``x``, ``y``
     ``[N, L, d]``: block inputs (from the quantized earlier blocks) and targets. Returns (role -> tuned point
-    ``X`` to ``commit``, or None when the tuned codes do not lower the loss over all of ``x``; the report)."""
+    ``X`` to ``commit``, or None when the tuned codes do not lower the loss over all of ``x``; the report; the
+    block's outputs ``[N, L, d]`` on ``x`` with the tuned weights where kept, else None)."""
     roles = list(tunables)
     before = _block_loss(run, fitted, x, y, cfg.batch)
     stacks = _stacks(tunables)
@@ -196,7 +209,9 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
                 X = st.start + v * st.step
                 weights.update(st.split(X + (st.nearest(X.detach()) - X).detach()))  # straight through the rounding
         with phase("recon:grad"):
-            loss = (run(x[idx], weights) - y[idx]).square().mean()
+            with _steps_context(x, cfg):
+                o = run(x[idx], weights)
+            loss = (o.float() - y[idx]).square().mean()
             # an expert no token of this minibatch is routed to has no gradient (zero where stacked)
             grads = torch.autograd.grad(loss, V, allow_unused=True)
         lr = lr0 * (1.0 - it / iters)
@@ -207,9 +222,10 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     with torch.no_grad():
         points = {r: X for st, v in zip(stacks, V) for r, X in st.split(st.start + v * st.step).items()}
         tuned = {**fitted, **{r: tunables[r].nearest(points[r]) for r in roles}}
-        after = _block_loss(run, tuned, x, y, cfg.batch)
+        outputs = torch.empty_like(y)
+        after = _block_loss(run, tuned, x, y, cfg.batch, outputs)
     kept = after < before
-    return (points if kept else None), ReconReport(before, after, kept, tuple(roles), iters)
+    return (points if kept else None), ReconReport(before, after, kept, tuple(roles), iters), (outputs if kept else None)
 
 
 class PlanesTunable:
