@@ -35,15 +35,15 @@ MODELS = ("tiny-llada", "tiny-dream", "tiny-llada-moe")
 EQ_SCORING = 2  # 2: the no-change candidate scored as s = 1 (2026-12-06); rows without the key scored it as 1/mean|W|
 
 
-def target(model: str, kind: str, ccfg):
-    """The pipeline target of ``kind`` for the bundled ``model``."""
+def target(model: str, kind: str, ccfg, bpw: float = 2.5):
+    """The pipeline target of ``kind`` for the bundled ``model`` (``bpw``: auto's budget)."""
     from qdllm_export.backends import resolve
     from qdllm_export.quant import QuantConfig
 
     if kind in ("q2_k", "auto"):
         from qdllm_export.targets.ggml import StockSpec, stock_target
 
-        return stock_target(resolve(model), StockSpec(kind, bpw=2.5 if kind == "auto" else None), ccfg)
+        return stock_target(resolve(model), StockSpec(kind, bpw=bpw if kind == "auto" else None), ccfg)
     if kind == "int2":
         from qdllm_export.targets.nbits import NBitsSpec, nbits_target
 
@@ -62,10 +62,6 @@ def run(a: argparse.Namespace) -> None:
     from runtime_ref.likelihood import masked_nll
 
     torch.set_num_threads(a.threads)
-    if a.steps_bf16:  # CUDA's default (ReconConfig.bf16_steps) emulated: each step under CPU bfloat16 autocast
-        import qdllm_export.quant.recon as R
-
-        R._steps_context = lambda x, cfg: torch.autocast("cpu", dtype=torch.bfloat16)
 
     def nll(be, windows) -> float:
         return masked_nll(be.logits, windows, mask_id=be.hparams.mask_token_id, n_mc=4, seed=0,
@@ -80,7 +76,7 @@ def run(a: argparse.Namespace) -> None:
         ccfg = CalibConfig(n_samples=128, seq_len=256, seed=seed)
         recon = ReconConfig(iters=iters, lr=a.lr, seed=seed)
         with tempfile.TemporaryDirectory() as tmp:
-            _, rec = quantize_checkpoint(resolve(a.model), Path(tmp) / "q", target(a.model, a.kind, ccfg), ccfg,
+            _, rec = quantize_checkpoint(resolve(a.model), Path(tmp) / "q", target(a.model, a.kind, ccfg, a.bpw), ccfg,
                                          recon=recon, equalize=a.variant.startswith("eq"))
             v = nll(open_model(str(Path(tmp) / "q")), windows)
         blocks = rec.get("reconstruction", {}).get("blocks", [])
@@ -89,7 +85,7 @@ def run(a: argparse.Namespace) -> None:
                    bits_per_weight_linear=rec["bits_per_weight_linear"], seconds=time.time() - t0,
                    kept=[b["kept"] for b in blocks], loss_ratio=[b["loss_after"] / b["loss_before"] for b in blocks],
                    threads=a.threads, **({"eq_scoring": EQ_SCORING} if a.variant.startswith("eq") else {}),
-                   **({"steps_bf16": True} if a.steps_bf16 else {}))
+                   **({"bpw": a.bpw} if a.kind == "auto" else {}))
         print(json.dumps(row), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
@@ -121,13 +117,14 @@ def report(_: argparse.Namespace) -> None:
     columns = sorted({(VARIANTS.index(r["variant"]), r["iters"]) for r in main})
     labels = [VARIANTS[v] + (f" {it}" if it else "") for v, it in columns]
     table = []
-    for kind in KINDS:
+    budgets = sorted({r.get("bpw", 2.5) for r in main if r["kind"] == "auto"})
+    for kind, bpw in [(k, b) for k in KINDS for b in (budgets if k == "auto" else [None])]:
         for model in MODELS:
-            sel = [r for r in main if r["kind"] == kind and r["model"] == model]
+            sel = [r for r in main if r["kind"] == kind and r["model"] == model and (bpw is None or r.get("bpw", 2.5) == bpw)]
             if not sel:
                 continue
             cells = [_cell([r for r in sel if (VARIANTS.index(r["variant"]), r["iters"]) == c]) for c in columns]
-            table.append([kind, model, f"{sel[0]['bits_per_weight_linear']:.3f}", *cells])
+            table.append([kind if bpw is None else f"auto --bpw {bpw}", model, f"{sel[0]['bits_per_weight_linear']:.3f}", *cells])
     sweep = [r for r in rows if r not in main]
     sweep_rows = [[r["kind"], r["model"], r["variant"] + (" (old no-change scoring)" if _old_eq(r) else "") + (" (bf16 steps)" if r.get("steps_bf16") else ""),
                    r["iters"], r.get("lr") or "default", r["seed"], f"{r['dnll']:+.4f}"]
@@ -159,8 +156,7 @@ def main() -> None:
     r.add_argument("--iters", type=int, default=None)
     r.add_argument("--lr", type=float, default=None)
     r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--steps-bf16", action="store_true",
-                   help="Run each tuning step under bfloat16 autocast on the CPU: the CUDA default, emulated.")
+    r.add_argument("--bpw", type=float, default=2.5, help="auto's budget, bits per weight of the linears.")
     sub.add_parser("report")
     a = ap.parse_args()
     (run if a.cmd == "run" else report)(a)

@@ -14,7 +14,6 @@ calibration window is lower than with the per-layer fit.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
@@ -34,16 +33,13 @@ class ReconConfig:
     """``iters``: signed-gradient steps per block (0: off; None: ``DEFAULT_ITERS`` of what is tuned); ``lr``:
     first step, in units of each tunable's ``step`` times its ``lr_scale``, falling linearly to 0 (default
     ``1 / iters``, AutoRound's); ``batch``: calibration windows per step; ``target``: ``float`` (the float
-    model's block output on the float model's inputs) or ``local`` (the float block on the quantized inputs);
-    ``bf16_steps``: on CUDA, each step's forward and backward under bfloat16 autocast (only the sign of the
-    gradient is used; the keep-or-drop losses stay TF32). No effect on the CPU."""
+    model's block output on the float model's inputs) or ``local`` (the float block on the quantized inputs)."""
 
     iters: int | None = None
     lr: float | None = None  # default 1 / iters (AutoRound's)
     batch: int = 4
     target: str = "float"
     seed: int = 0
-    bf16_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.iters is not None and self.iters < 0:
@@ -132,10 +128,6 @@ def _block_loss(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     return tot / y.numel()
 
 
-def _steps_context(x: torch.Tensor, cfg: ReconConfig):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16_steps and x.is_cuda else nullcontext()
-
-
 class _Stack:
     """Tunables tuned as one matrix ``[sum n_out, n_in]``: the rows of every member in order. Members on one
     grid that can stack its states (``stack_states``: the ggml scalar types, MatMulNBits) are rounded in one
@@ -209,9 +201,7 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
                 X = st.start + v * st.step
                 weights.update(st.split(X + (st.nearest(X.detach()) - X).detach()))  # straight through the rounding
         with phase("recon:grad"):
-            with _steps_context(x, cfg):
-                o = run(x[idx], weights)
-            loss = (o.float() - y[idx]).square().mean()
+            loss = (run(x[idx], weights) - y[idx]).square().mean()
             # an expert no token of this minibatch is routed to has no gradient (zero where stacked)
             grads = torch.autograd.grad(loss, V, allow_unused=True)
         lr = lr0 * (1.0 - it / iters)
