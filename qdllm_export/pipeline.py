@@ -147,14 +147,12 @@ def quantize_block(block: torch.nn.Module, i: int, target: Target, calib: _Calib
                 res = target.quantize(name, linears[r].weight.data, None if Hs is None else Hs[r], plan[r])
             _take_tunable(tunables, r, res)
             out[r] = _store_result(linears[r], name, res, result)
-    passed_on = False
     if tunables and goal is not None:
         with phase("recon"):
-            passed_on = _tune_block(block, i, tunables, floats, Hs, calib, goal, recon, out, result)
+            _tune_block(block, i, tunables, floats, Hs, calib, goal, recon, out, result)
     if data:
         del Hs
-        if not passed_on:
-            run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
+        run_block(block, calib.x, calib.cos, calib.sin, calib.batch)  # the quantized block feeds the next one
         n_ref = y_ref.shape[0]
         result.block_errors.append(float((calib.x[:n_ref] - y_ref).norm() / y_ref.norm()))
     return out
@@ -207,10 +205,9 @@ def _recon_goal(block: torch.nn.Module, calib: _Calib, recon: ReconConfig) -> to
 
 def _tune_block(block: torch.nn.Module, i: int, tunables: dict[str, Any], floats: dict[str, torch.Tensor],
                 Hs: dict[str, torch.Tensor], calib: _Calib, goal: torch.Tensor, recon: ReconConfig,
-                out: dict[str, Any], result: PipelineResult) -> bool:
+                out: dict[str, Any], result: PipelineResult) -> None:
     """Block-output tuning of the fitted codes (``quant.recon``); where it lowers the block's output error the
-    tuned tensors replace the fitted ones in ``out``, in the block and in the report, and ``calib.x`` becomes
-    the tuned block's outputs (its keep-or-drop pass computed them). Returns whether it did."""
+    tuned tensors replace the fitted ones in ``out``, in the block and in the report."""
     from torch.func import functional_call
 
     from qdllm_export.quant import error_stats
@@ -225,12 +222,11 @@ def _tune_block(block: torch.nn.Module, i: int, tunables: dict[str, Any], floats
 
     fitted = {r: m.weight.detach() for r, m in linears.items()}
     with fast(calib.x):  # TF32 forwards and backwards on CUDA, as the calibration forwards
-        points, rep, outputs = reconstruct(run, tunables, fitted, calib.x, goal, recon)
+        points, rep = reconstruct(run, tunables, fitted, calib.x, goal, recon)
     result.recon.append({"block": i, "loss_before": rep.loss_before, "loss_after": rep.loss_after, "kept": rep.kept,
                          "tuned": list(rep.tuned), "iters": rep.iters})
     if points is None:
-        return False
-    calib.x = outputs
+        return
     for r, X in points.items():
         name = f"blk.{i}.{r}.weight"
         stored = tunables[r].commit(X)
@@ -241,7 +237,6 @@ def _tune_block(block: torch.nn.Module, i: int, tunables: dict[str, Any], floats
         layer.stored, layer.rel_weight_error = record_of(stored), float(stats["rel_weight_err"])
         layer.rel_output_error = stats.get("rel_output_err")
         out[r] = stored
-    return True
 
 
 def _store_result(m: torch.nn.Linear, name: str, res: tuple[Any, torch.Tensor, dict[str, Any]], result: PipelineResult) -> Any:

@@ -131,22 +131,20 @@ def test_reconstruction_lowers_the_block_output_error(name):
     run, Ws, x = _toy_block()
     y = run(x, Ws)
     tun, fitted = _fits(name, Ws, run, x)
-    points, rep, outputs = reconstruct(run, tun, fitted, x, y, ReconConfig(iters=60, batch=8))
+    points, rep = reconstruct(run, tun, fitted, x, y, ReconConfig(iters=60, batch=8))
     assert rep.kept and points is not None
     assert rep.loss_after < 0.9 * rep.loss_before, (rep.loss_before, rep.loss_after)
     committed = {r: torch.from_numpy(tun[r].commit(points[r]).dequantize()) for r in tun}
-    y_hat = run(x, committed)
-    loss = float((y_hat - y).square().mean())
+    loss = float((run(x, committed) - y).square().mean())
     assert loss == pytest.approx(rep.loss_after, rel=1e-4)  # the bytes hold exactly what was tuned
-    torch.testing.assert_close(outputs, y_hat, rtol=1e-5, atol=1e-6)  # the outputs passed on to the next block
 
 
 def test_reconstruction_keeps_the_fit_when_tuning_does_not_help():
     run, Ws, x = _toy_block(seed=3)
     y = run(x, Ws)
     tun, fitted = _fits("q6_k", Ws, run, x)
-    points, rep, outputs = reconstruct(run, tun, fitted, x, y, ReconConfig(iters=0))
-    assert points is None and outputs is None and not rep.kept and rep.loss_after == rep.loss_before
+    points, rep = reconstruct(run, tun, fitted, x, y, ReconConfig(iters=0))
+    assert points is None and not rep.kept and rep.loss_after == rep.loss_before
 
 
 def test_recon_config_checks():

@@ -115,16 +115,12 @@ class ReconReport:
 
 
 def _block_loss(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], weights: dict[str, torch.Tensor],
-                x: torch.Tensor, y: torch.Tensor, batch: int, out: torch.Tensor | None = None) -> float:
-    """Mean square error of the block's output over every window of ``x [N, L, d]`` against ``y``; the outputs
-    go into ``out`` (``[N, L, d]``) where given."""
+                x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    """Mean square error of the block's output over every window of ``x [N, L, d]`` against ``y``."""
     tot = 0.0
     with torch.no_grad(), phase("recon:loss"):
         for s in range(0, x.shape[0], batch):
-            o = run(x[s : s + batch], weights)
-            tot += float((o - y[s : s + batch]).square().sum())
-            if out is not None:
-                out[s : s + batch] = o
+            tot += float((run(x[s : s + batch], weights) - y[s : s + batch]).square().sum())
     return tot / y.numel()
 
 
@@ -178,14 +174,13 @@ def _stacks(tunables: dict[str, Tunable]) -> list[_Stack]:
 
 def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], tunables: dict[str, Tunable],
                 fitted: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, cfg: ReconConfig
-                ) -> tuple[dict[str, torch.Tensor] | None, ReconReport, torch.Tensor | None]:
+                ) -> tuple[dict[str, torch.Tensor] | None, ReconReport]:
     """Tune the codes of ``tunables`` (role -> Tunable) to minimise ``||run(x, W) - y||^2``.
 
     ``run(x_batch, weights)``: the block's output ``[b, L, d]`` with the weights of ``weights`` (role -> float32
     ``[n_out, n_in]``) in place of its own; ``fitted``: role -> the per-layer fit's stored values; ``x``, ``y``
     ``[N, L, d]``: block inputs (from the quantized earlier blocks) and targets. Returns (role -> tuned point
-    ``X`` to ``commit``, or None when the tuned codes do not lower the loss over all of ``x``; the report; the
-    block's outputs ``[N, L, d]`` on ``x`` with the tuned weights where kept, else None)."""
+    ``X`` to ``commit``, or None when the tuned codes do not lower the loss over all of ``x``; the report)."""
     roles = list(tunables)
     before = _block_loss(run, fitted, x, y, cfg.batch)
     stacks = _stacks(tunables)
@@ -212,10 +207,9 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     with torch.no_grad():
         points = {r: X for st, v in zip(stacks, V) for r, X in st.split(st.start + v * st.step).items()}
         tuned = {**fitted, **{r: tunables[r].nearest(points[r]) for r in roles}}
-        outputs = torch.empty_like(y)
-        after = _block_loss(run, tuned, x, y, cfg.batch, outputs)
+        after = _block_loss(run, tuned, x, y, cfg.batch)
     kept = after < before
-    return (points if kept else None), ReconReport(before, after, kept, tuple(roles), iters), (outputs if kept else None)
+    return (points if kept else None), ReconReport(before, after, kept, tuple(roles), iters)
 
 
 class PlanesTunable:
