@@ -81,6 +81,37 @@ def test_nearest_is_the_exact_weighted_nearest_point(name):
         assert (neg.sum(-1) % 2 == 0).all()
 
 
+@pytest.mark.parametrize("name", TYPES)
+def test_requant_is_the_weighted_nearest_among_the_fitted_points_neighbours(name):
+    """Block-output tuning's rounding (``requant``) against brute force over the ``NEIGHBOURS`` nearest codebook
+    entries of each vector's fitted point x every allowed sign pattern; at the fit's own targets it keeps the fit."""
+    from qdllm_export.grids.lattice import NEIGHBOURS
+
+    grid, sp = LatticeGrid(name), SPECS[name]
+    W = _lattice_rows(grid.block)
+    n, m = W.shape[0], grid.block // sp.dim
+    st = grid.init(W, None)
+    fitted = grid.values(st.d, st.sc, st.idx, st.neg)
+    torch.testing.assert_close(grid.requant(st, fitted), fitted, rtol=0, atol=0)  # already on the grid: stays
+    home = st.idx.clone()
+    X = W + 0.3 * W.std() * torch.randn(W.shape, generator=torch.Generator().manual_seed(5))
+    Y = grid.requant(st, X).reshape(n, m, sp.dim)
+    G = torch.from_numpy(codebook(sp.ggml_type))
+    nb = torch.cdist(G.double(), G.double()).topk(NEIGHBOURS, dim=1, largest=False).indices  # [E, K]
+    bits = (torch.arange(1 << sp.dim)[:, None] >> torch.arange(sp.dim)) & 1
+    if sp.parity:
+        bits = bits[bits.sum(1) % 2 == 0]
+    S = 1.0 - 2.0 * bits.float()  # [P, dim]
+    db = grid.scale(st.d, st.sc).repeat_interleave(sp.sub // sp.dim, dim=1)  # [n, m]
+    x = X.reshape(n, m, sp.dim)
+    pts = G[nb[home]][:, :, :, None, :] * S  # [n, m, K, P, dim]
+    best = (x[:, :, None, None, :] - db[..., None, None, None] * pts).square().sum(-1).flatten(2).amin(-1)
+    ours = (x - Y).square().sum(-1)
+    assert torch.allclose(ours, best, rtol=1e-5, atol=1e-7)
+    grid.requant(st, X, record=True)  # commit: the state's points are what tuning saw
+    torch.testing.assert_close(grid.values(st.d, st.sc, st.idx, st.neg).reshape(n, m, sp.dim), Y, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", [n for n in TYPES if SPECS[n].parity])
 def test_parity_pick_prices_few_candidates_and_matches_pricing_all(name):
     """The sign-parity choice prices only the cheapest candidates (falling back to all where one beyond them could

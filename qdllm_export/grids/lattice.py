@@ -45,6 +45,7 @@ from formats.ggml_tensor import GGMLTensor
 from qdllm_export.grids import libggml
 
 CHUNK = 1 << 24  # elements of one candidate tensor [rows, groups, E, dim] (64 MB of float32)
+NEIGHBOURS = 32  # codebook points block-output tuning chooses among per vector: the fitted one's nearest (requant)
 PRICED = 16  # candidates per odd-signed vector whose sign flip is priced before falling back to all (_parity_pick)
 
 
@@ -122,6 +123,7 @@ class LatticeState:
     neg: torch.Tensor
     wt: torch.Tensor
     db: torch.Tensor | None = None  # [n, S] d * mult(sc), for round
+    home: torch.Tensor | None = None  # [n, block / dim] the fitted points, whose neighbours requant chooses among
 
 
 class LatticeGrid:
@@ -135,6 +137,7 @@ class LatticeGrid:
         self.type_size = gt.type_info(self.ggml_type)[1]
         self.init_steps, self.refit_rounds = init_steps, refit_rounds
         self._cb: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._nb: dict[torch.device, torch.Tensor] = {}
         libggml.type_id(self.ggml_type)  # init needs ggml's encoder: fails early without llama-cpp-python
 
     def bits_per_weight(self, n_in: int) -> float:
@@ -146,6 +149,14 @@ class LatticeGrid:
             G = torch.from_numpy(codebook(self.ggml_type)).to(device)
             self._cb[device] = (G, G * G)
         return self._cb[device]
+
+    def neighbours(self, device: torch.device) -> torch.Tensor:
+        """``[E, NEIGHBOURS]`` long: each codebook point's nearest points (Euclidean, itself first)."""
+        if device not in self._nb:
+            G = torch.from_numpy(codebook(self.ggml_type)).to(torch.float64)
+            dist = torch.cdist(G, G) + torch.diag(torch.full((G.shape[0],), -1.0, dtype=torch.float64))
+            self._nb[device] = dist.topk(min(NEIGHBOURS, G.shape[0]), dim=1, largest=False, sorted=True).indices.to(device)
+        return self._nb[device]
 
     # ------------------------------------------------------------------ stored values
     def scale(self, d: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
@@ -226,12 +237,41 @@ class LatticeGrid:
         return torch.where(neg.reshape(n, -1), -v, v)
 
     def requant(self, st: LatticeState, Wb: torch.Tensor, record: bool = False) -> torch.Tensor:
-        """Stored values ``[n, block]`` nearest to ``Wb`` under the block's scales as they are (block-output
-        tuning, ``quant.recon``); ``record``: the points become the state's."""
-        idx, neg = self._round_all(Wb.detach().to(torch.float32), st.wt, st.d, st.sc)
+        """Stored values ``[n, block]`` nearest to ``Wb`` under the block's scales as they are, each vector's
+        point chosen among the ``NEIGHBOURS`` nearest to its fitted point (block-output tuning, ``quant.recon``:
+        the codes move locally; a search of the whole codebook every step cost minutes a block at 8B's
+        shapes); ``record``: the points become the state's."""
+        if st.home is None:
+            st.home = st.idx.clone()
+        sp, n = self.spec, Wb.shape[0]
+        m = self.block // sp.dim
+        X = Wb.detach().to(torch.float32).reshape(n, m, sp.dim)
+        db = self.scale(st.d, st.sc).repeat_interleave(sp.sub // sp.dim, dim=1)
+        step = max(1, CHUNK // max(1, m * NEIGHBOURS * sp.dim))
+        parts = [self._near_local(X[r : r + step], st.wt.view(m, sp.dim), db[r : r + step], st.home[r : r + step])
+                 for r in range(0, n, step)]
+        idx, neg = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).reshape(n, -1)
         if record:
             st.idx, st.neg, st.db = idx, neg, None
         return self.values(st.d, st.sc, idx, neg)
+
+    def _near_local(self, x: torch.Tensor, wt: torch.Tensor, db: torch.Tensor, home: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``nearest`` of ``x [n, m, dim]`` among the neighbours of ``home [n, m]``: ``idx [n, m]``, ``neg [n, m, dim]``."""
+        cand = self.neighbours(x.device)[home]  # [n, m, K]
+        Gc = self.table(x.device)[0][cand]  # [n, m, K, dim]
+        a, b = wt * x.abs(), db[..., None]
+        cost = b * (b * (Gc * Gc * wt[:, None, :]).sum(-1) - 2.0 * (a[:, :, None, :] * Gc).sum(-1))  # [n, m, K]
+        neg = x < 0
+        if self.spec.parity:  # an odd number of negatives: also pay the cheapest single flip of each candidate
+            flip, which = (a[:, :, None, :] * Gc).min(-1)
+            odd = (neg.sum(-1) % 2 == 1)[..., None]
+            cost = torch.where(odd, cost + 4.0 * b * flip, cost)
+        pick = cost.argmin(-1, keepdim=True)
+        if self.spec.parity:
+            flipped = which.gather(-1, pick)[..., 0]
+            neg = neg ^ (odd & (torch.arange(x.shape[-1], device=x.device) == flipped[..., None]))
+        return cand.gather(-1, pick)[..., 0], neg
 
     def steps(self, st: LatticeState) -> torch.Tensor:
         """The mean spacing of the codebook's magnitudes times each sub-block's scale, ``[n, block]``."""
