@@ -96,6 +96,13 @@ def _rows() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
 
 
+def _key(row: dict) -> tuple:
+    """What a row measured: the same key measured again (a later tree) replaces it in the report."""
+    return (row["model"], row["kind"], row["variant"], row["iters"], row.get("lr"), row["seed"],
+            row.get("bpw", 2.5 if row["kind"] == "auto" else None),
+            row.get("steps_bf16"), row.get("eq_scoring"))
+
+
 def _old_eq(row: dict) -> bool:
     """An equalization row measured before the no-change candidate was scored as s = 1."""
     return row["variant"].startswith("eq") and row.get("eq_scoring", 1) < EQ_SCORING
@@ -111,7 +118,7 @@ def _cell(rows: list[dict]) -> str:
 def report(_: argparse.Namespace) -> None:
     from qdllm_export.quant.recon import DEFAULT_ITERS
 
-    rows = _rows()
+    rows = list({_key(r): r for r in _rows()}.values())  # a later measurement of the same setting and seed supersedes
     main = [r for r in rows if r.get("lr") is None and r["variant"] in VARIANTS and r["iters"] in (0, *DEFAULT_ITERS.values())
             and not _old_eq(r) and not r.get("steps_bf16")]
     columns = sorted({(VARIANTS.index(r["variant"]), r["iters"]) for r in main})
@@ -134,7 +141,7 @@ def report(_: argparse.Namespace) -> None:
             "Xeon @ 2.80GHz (2 cores) for the earlier ones; the figures are ΔNLL, not times. ΔNLL (nats/token) of the quantized checkpoint as shipped (embedding Q4_K, head "
             "Q6_K) in PyTorch, against the float model: masked-diffusion bound on 64 x 128 tokens of the bundled "
             "validation text, 4 Monte-Carlo masks, identical masks for every file; MCS calibration 128 x 256 "
-            "tokens. Each cell: mean over calibration seeds (their count in brackets; per seed, with each block's "
+            "tokens. Each cell: mean over calibration seeds, the latest measurement of each (their count in brackets; per seed, with each block's "
             "loss ratio and the time, in `docs/results/recon.jsonl`). `tune N`: block-output tuning with N steps a "
             f"block (the default: {DEFAULT_ITERS['grid']} for the grids, {DEFAULT_ITERS['planes']} for planes); "
             "`eq`: equalization; gptq3 (GPTQ 3-bit g128 planes, MCS) is the reference planes must reach.\n\n"
