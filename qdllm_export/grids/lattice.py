@@ -22,6 +22,8 @@ table): every group holds an even number of negatives. ``iq2_s`` / ``iq3_s`` sto
 * ``refit``: ``d`` per row, then each 4-bit sub-scale (floor and ceil of its least-squares value), by
   weighted least squares with the points fixed; each kept per row / sub-block only where the weighted
   error on the targets drops; nothing is re-rounded;
+* ``requant`` (block-output tuning, ``quant.recon``): per group, the nearest of the ``NEIGHBOURS`` codebook points
+  nearest its fitted point, scales fixed (the tuned codes move locally);
 * ``pack``: the exact ggml bytes (``formats.ggml_tensor.pack_iq*``).
 
 All torch, device-agnostic, vectorised over rows (candidate tensors ``[n, E, dim]`` per group).
