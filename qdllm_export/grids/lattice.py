@@ -265,11 +265,11 @@ class LatticeGrid:
         """``nearest`` of ``x [n, m, dim]`` among the neighbours of ``home [n, m]``: ``idx [n, m]``, ``neg [n, m, dim]``."""
         cand = self.neighbours(x.device)[home]  # [n, m, K]
         Gc = self.table(x.device)[0][cand]  # [n, m, K, dim]
-        a, b = wt * x.abs(), db[..., None]
-        cost = b * (b * (Gc * Gc * wt[:, None, :]).sum(-1) - 2.0 * (a[:, :, None, :] * Gc).sum(-1))  # [n, m, K]
+        b, aG = db[..., None], (wt * x.abs())[:, :, None, :] * Gc  # [n, m, K, dim]
+        cost = b * (b * (Gc * Gc * wt[:, None, :]).sum(-1) - 2.0 * aG.sum(-1))  # [n, m, K]
         neg = x < 0
         if self.spec.parity:  # an odd number of negatives: also pay the cheapest single flip of each candidate
-            flip, which = (a[:, :, None, :] * Gc).min(-1)
+            flip, which = aG.min(-1)
             odd = (neg.sum(-1) % 2 == 1)[..., None]
             cost = torch.where(odd, cost + 4.0 * b * flip, cost)
         pick = cost.argmin(-1, keepdim=True)
