@@ -7,6 +7,7 @@ re-exports these names: import them from there, so that ``HParams.spec`` finds i
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
