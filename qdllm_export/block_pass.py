@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from formats.errors import QdllmError
 from formats.tensors import HFTensors
 from qdllm_export.models import SEQUENTIAL_GROUPS, family_module
 from qdllm_export.quant import HessianAccumulator
@@ -41,10 +42,16 @@ def _read_block(src: HFTensors, i: int) -> dict[str, np.ndarray]:
 
 def _load_block_weights(src: HFTensors, i: int, device: str, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
     hp = src.hparams
-    block = family_module(hp).Block(hp).to(device=device, dtype=torch.float32)
+    with torch.device("meta"):  # no random init of weights about to be overwritten (seconds a block at 8B)
+        block = family_module(hp).Block(hp)
+    block = block.to_empty(device=device).to(torch.float32)
     prefix = hp.spec.layer_prefix.format(i=i)
     hf = hp.spec.hf_names(hp)
     params = dict(block.named_parameters())
+    filled = {hf[name][len(prefix):] for name in arrays}
+    if filled != set(params) or any(True for _ in block.buffers()):
+        raise QdllmError(f"block {i}: the checkpoint's tensors {sorted(filled ^ set(params))} do not match the "
+                         "block's parameters; this is a bug of the family table, please report it")
     for name, arr in arrays.items():
         with torch.no_grad():
             params[hf[name][len(prefix):]].copy_(torch.from_numpy(arr))
