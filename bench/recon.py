@@ -1,6 +1,6 @@
 """Block-output tuning and equalization (issue 16): ΔNLL of the shipped checkpoint per variant, family and seed.
 
-    python bench/recon.py run MODEL KIND VARIANT [--seeds 0 1 2] [--iters N] [--lr X] [--threads 1]
+    python bench/recon.py run MODEL KIND VARIANT [--seeds 0 1 2] [--iters N] [--lr X] [--batch W] [--threads 1]
     python bench/recon.py report
 
 ``KIND``: q2_k | auto (``--bpw 2.5``) | int2 (MatMulNBits, block 128) | planes (Quant-dLLM 2) | gptq3 (GPTQ 3-bit
@@ -74,7 +74,7 @@ def run(a: argparse.Namespace) -> None:
     for seed in a.seeds:
         t0 = time.time()
         ccfg = CalibConfig(n_samples=128, seq_len=256, seed=seed)
-        recon = ReconConfig(iters=iters, lr=a.lr, seed=seed)
+        recon = ReconConfig(iters=iters, lr=a.lr, seed=seed, batch=a.batch)
         with tempfile.TemporaryDirectory() as tmp:
             _, rec = quantize_checkpoint(resolve(a.model), Path(tmp) / "q", target(a.model, a.kind, ccfg, a.bpw), ccfg,
                                          recon=recon, equalize=a.variant.startswith("eq"))
@@ -84,7 +84,7 @@ def run(a: argparse.Namespace) -> None:
         row = dict(model=a.model, kind=a.kind, variant=a.variant, seed=seed, iters=steps, lr=a.lr, dnll=v - base,
                    bits_per_weight_linear=rec["bits_per_weight_linear"], seconds=time.time() - t0,
                    kept=[b["kept"] for b in blocks], loss_ratio=[b["loss_after"] / b["loss_before"] for b in blocks],
-                   threads=a.threads, **({"eq_scoring": EQ_SCORING} if a.variant.startswith("eq") else {}),
+                   threads=a.threads, **({"batch": a.batch} if a.batch else {}), **({"eq_scoring": EQ_SCORING} if a.variant.startswith("eq") else {}),
                    **({"bpw": a.bpw} if a.kind == "auto" else {}))
         print(json.dumps(row), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def _key(row: dict) -> tuple:
     """What a row measured: the same key measured again (a later tree) replaces it in the report."""
     return (row["model"], row["kind"], row["variant"], row["iters"], row.get("lr"), row["seed"],
             row.get("bpw", 2.5 if row["kind"] == "auto" else None),
-            row.get("steps_bf16"), row.get("eq_scoring"))
+            row.get("steps_bf16"), row.get("eq_scoring"), row.get("batch"))
 
 
 def _old_eq(row: dict) -> bool:
@@ -120,7 +120,7 @@ def report(_: argparse.Namespace) -> None:
 
     rows = list({_key(r): r for r in _rows()}.values())  # a later measurement of the same setting and seed supersedes
     main = [r for r in rows if r.get("lr") is None and r["variant"] in VARIANTS and r["iters"] in (0, *DEFAULT_ITERS.values())
-            and not _old_eq(r) and not r.get("steps_bf16")]
+            and not _old_eq(r) and not r.get("steps_bf16") and not r.get("batch")]
     columns = sorted({(VARIANTS.index(r["variant"]), r["iters"]) for r in main})
     labels = [VARIANTS[v] + (f" {it}" if it else "") for v, it in columns]
     table = []
@@ -133,7 +133,8 @@ def report(_: argparse.Namespace) -> None:
             cells = [_cell([r for r in sel if (VARIANTS.index(r["variant"]), r["iters"]) == c]) for c in columns]
             table.append([kind if bpw is None else f"auto --bpw {bpw}", model, f"{sel[0]['bits_per_weight_linear']:.3f}", *cells])
     sweep = [r for r in rows if r not in main]
-    sweep_rows = [[r["kind"], r["model"], r["variant"] + (" (old no-change scoring)" if _old_eq(r) else "") + (" (bf16 steps)" if r.get("steps_bf16") else ""),
+    sweep_rows = [[r["kind"], r["model"], r["variant"] + (" (old no-change scoring)" if _old_eq(r) else "") + (" (bf16 steps)" if r.get("steps_bf16") else "")
+                   + (f" ({r['batch']} windows a step)" if r.get("batch") else ""),
                    r["iters"], r.get("lr") or "default", r["seed"], f"{r['dnll']:+.4f}"]
                   for r in sweep]
     body = ("## Block-output tuning and equalization (`bench/recon.py`, issue 16)\n\n"
@@ -163,6 +164,7 @@ def main() -> None:
     r.add_argument("--iters", type=int, default=None)
     r.add_argument("--lr", type=float, default=None)
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--batch", type=int, default=None, help="tuning windows a step (default: the library's).")
     r.add_argument("--bpw", type=float, default=2.5, help="auto's budget, bits per weight of the linears.")
     sub.add_parser("report")
     a = ap.parse_args()

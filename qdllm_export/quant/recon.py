@@ -8,8 +8,8 @@ values nearest to ``X`` with every scale of the fit held fixed. The tuned weight
 ``Q(S + V * step)`` with ``V`` in ``[-bound, bound]``, differentiated straight through ``Q``; the loss is the
 mean square error of the block's output, on inputs from the already quantized earlier blocks, against the
 float model's block output. Only codes move, so ``commit()`` returns a tensor the grid's own encoder packs:
-the bytes decode to the tuned weights exactly. Per block, the tuned codes are kept only if the loss over every
-calibration window is lower than with the per-layer fit.
+the bytes decode to the tuned weights exactly. Per block, the tuned codes are kept only if the loss over the first
+``CHECK_WINDOWS`` calibration windows is lower than with the per-layer fit.
 """
 
 from __future__ import annotations
@@ -26,24 +26,34 @@ TARGETS = ("float", "local")
 # steps per block when ReconConfig.iters is None, by what is tuned (docs/benchmarks.md "recon": on both bundled
 # families 50 steps matched 100 for the grids; planes gained from 100)
 DEFAULT_ITERS = {"grid": 50, "planes": 100}
+# windows a step when ReconConfig.batch is None: WINDOWS_PER_STEP, and where what is tuned has a TOKENS_PER_STEP,
+# no more windows than hold that many tokens (at least one). docs/benchmarks.md "recon": on both bundled families
+# (windows of 256 tokens) the grids tuned with 1 window a step matched 4; planes lost 0.02-0.04 ΔNLL. At 8B's
+# 2048-token windows the grids' steps take one window, a quarter of the cost
+WINDOWS_PER_STEP = 4
+TOKENS_PER_STEP = {"grid": 1024, "planes": None}
+# windows the keep-or-drop check compares the block's loss on (the first ones; all when fewer)
+CHECK_WINDOWS = 32
 
 
 @dataclass
 class ReconConfig:
     """``iters``: signed-gradient steps per block (0: off; None: ``DEFAULT_ITERS`` of what is tuned); ``lr``:
     first step, in units of each tunable's ``step`` times its ``lr_scale``, falling linearly to 0 (default
-    ``1 / iters``, AutoRound's); ``batch``: calibration windows per step; ``target``: ``float`` (the float
+    ``1 / iters``, AutoRound's); ``batch``: calibration windows per step (None: :meth:`windows_for`); ``target``: ``float`` (the float
     model's block output on the float model's inputs) or ``local`` (the float block on the quantized inputs)."""
 
     iters: int | None = None
     lr: float | None = None  # default 1 / iters (AutoRound's)
-    batch: int = 4
+    batch: int | None = None
     target: str = "float"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.iters is not None and self.iters < 0:
             raise QdllmError(f"--tune-iters must be >= 0, got {self.iters}")
+        if self.batch is not None and self.batch < 1:
+            raise QdllmError(f"block-output tuning needs at least 1 window a step, got {self.batch}")
         if self.target not in TARGETS:
             raise QdllmError(f"reconstruction target {self.target!r} is not one of {', '.join(TARGETS)}")
 
@@ -54,6 +64,16 @@ class ReconConfig:
     def steps_for(self, tunables: dict[str, "Tunable"]) -> int:
         """The steps of one block: ``iters``, else the largest default of its tunables' kinds."""
         return self.iters if self.iters is not None else max(DEFAULT_ITERS[t.kind] for t in tunables.values())
+
+    def windows_for(self, tunables: dict[str, "Tunable"], seq_len: int) -> int:
+        """Calibration windows of ``seq_len`` tokens a step: ``batch``, else ``WINDOWS_PER_STEP``, capped by the
+        smallest ``TOKENS_PER_STEP`` of the tunables' kinds (at least one window)."""
+        if self.batch is not None:
+            return self.batch
+        caps = [TOKENS_PER_STEP[t.kind] for t in tunables.values() if TOKENS_PER_STEP[t.kind] is not None]
+        if len(caps) < len(tunables):  # a kind without a cap (planes) keeps every window
+            return WINDOWS_PER_STEP
+        return max(1, min(WINDOWS_PER_STEP, min(caps) // seq_len))
 
     def step_size(self, iters: int) -> float:
         return self.lr if self.lr is not None else 1.0 / max(iters, 1)
@@ -116,8 +136,10 @@ class ReconReport:
 
 def _block_loss(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], weights: dict[str, torch.Tensor],
                 x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    """Mean square error of the block's output over every window of ``x [N, L, d]`` against ``y``."""
+    """Mean square error of the block's output over the first ``CHECK_WINDOWS`` windows of ``x [N, L, d]`` against
+    ``y``."""
     tot = 0.0
+    x, y = x[:CHECK_WINDOWS], y[:CHECK_WINDOWS]
     with torch.no_grad(), phase("recon:loss"):
         for s in range(0, x.shape[0], batch):
             tot += float((run(x[s : s + batch], weights) - y[s : s + batch]).square().sum())
@@ -180,16 +202,19 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     ``run(x_batch, weights)``: the block's output ``[b, L, d]`` with the weights of ``weights`` (role -> float32
     ``[n_out, n_in]``) in place of its own; ``fitted``: role -> the per-layer fit's stored values; ``x``, ``y``
     ``[N, L, d]``: block inputs (from the quantized earlier blocks) and targets. Returns (role -> tuned point
-    ``X`` to ``commit``, or None when the tuned codes do not lower the loss over all of ``x``; the report)."""
+    ``X`` to ``commit``, or None when the tuned codes do not lower the loss over the first ``CHECK_WINDOWS`` windows
+    of ``x``; the report)."""
     roles = list(tunables)
-    before = _block_loss(run, fitted, x, y, cfg.batch)
+    batch = min(cfg.windows_for(tunables, x.shape[1]), x.shape[0])
+    check = max(batch, 4)  # windows a no-grad forward of the check
+    before = _block_loss(run, fitted, x, y, check)
     stacks = _stacks(tunables)
     V = [torch.zeros_like(st.start, requires_grad=True) for st in stacks]
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     iters = cfg.steps_for(tunables)
     lr0 = cfg.step_size(iters)
     for it in range(iters):
-        idx = torch.randint(0, x.shape[0], (min(cfg.batch, x.shape[0]),), generator=g).to(x.device)
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g).to(x.device)
         weights = dict(fitted)
         with phase("recon:nearest"):
             for st, v in zip(stacks, V):
@@ -207,7 +232,7 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     with torch.no_grad():
         points = {r: X for st, v in zip(stacks, V) for r, X in st.split(st.start + v * st.step).items()}
         tuned = {**fitted, **{r: tunables[r].nearest(points[r]) for r in roles}}
-        after = _block_loss(run, tuned, x, y, cfg.batch)
+        after = _block_loss(run, tuned, x, y, check)
     kept = after < before
     return (points if kept else None), ReconReport(before, after, kept, tuple(roles), iters)
 
