@@ -308,9 +308,10 @@ def _head_importance(src: HFTensors, calib: _Calib) -> np.ndarray:
     return (acc / (calib.x.shape[0] * calib.x.shape[1])).float().cpu().numpy()
 
 
-def _table_record(name: str, t: Any, w: np.ndarray) -> dict[str, Any]:
-    """The record of a stored table: its type, bits per weight and relative error against the float ``w``."""
-    v = table_values(t)
+def _table_record(name: str, t: Any, w: np.ndarray, v: np.ndarray | None = None) -> dict[str, Any]:
+    """The record of a stored table: its type, bits per weight and relative error against the float ``w``
+    (``v``: ``table_values(t)`` where already decoded)."""
+    v = table_values(t) if v is None else v
     n = v.size
     bits = t.stored_bits() if is_stored(t) else 8 * np.asarray(t).itemsize * n
     return {"type": type_name(t), "bits_per_weight": bits / n,
@@ -390,9 +391,12 @@ def quantize_checkpoint(
         if on_layer:
             on_layer(0, hp.n_layers, f"token_embd as {tables.embed_type}")
         embd = encode_table(TABLES[0], src.get(TABLES[0]), tables.embed_type, device=device)
-        calib = _calibration(src, model_dir, ccfg, device, batch, table_values(embd),
+        embd_values = table_values(embd)  # decoded once: calibration starts from it, the record compares it
+        table_records = {TABLES[0]: _table_record(TABLES[0], embd, src.get(TABLES[0]), embd_values)}
+        calib = _calibration(src, model_dir, ccfg, device, batch, embd_values,
                              float_stream=tuning and recon.target == "float") if target.needs_data \
             else _Calib(None, None, None, batch)
+        del embd_values
         for i in range(hp.n_layers):
             block = load_block(src, i, device)
             stored = quantize_block(block, i, target, calib, true_sequential, result, on_layer, hp.n_layers,
@@ -416,8 +420,9 @@ def quantize_checkpoint(
                          {hf[n]: t for n, t in done.items() if is_stored(t)}, bf16,
                          as_is={hf[n]: t for n, t in done.items() if not is_stored(t)})
         result.seconds = time.time() - t0
+        table_records[TABLES[1]] = _table_record(TABLES[1], head, src.get(TABLES[1]))
         record = _record(target, ccfg if target.needs_data else None, src, model_dir, result, true_sequential,
-                         {n: _table_record(n, t, src.get(n)) for n, t in done.items()})
+                         table_records)
         if tuning:
             record["reconstruction"] = {**recon.to_dict(), "blocks": result.recon}
         if result.coverage:
