@@ -6,8 +6,6 @@ The tuning must lower a block's output error, and equalization must leave the fl
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -161,11 +159,6 @@ def test_recon_config_checks():
     assert not ReconConfig(iters=0).on and ReconConfig().on
     with pytest.raises(QdllmError, match="at least 1 window"):
         ReconConfig(batch=0)
-    # windows a step: 4; the grids' no more than TOKENS_PER_STEP tokens (planes keep 4); an explicit batch wins
-    grid, planes = {"a": SimpleNamespace(kind="grid")}, {"b": SimpleNamespace(kind="planes")}
-    assert [ReconConfig().windows_for(grid, L) for L in (128, 256, 512, 1024, 2048, 4096)] == [4, 4, 2, 1, 1, 1]
-    assert ReconConfig().windows_for(planes, 2048) == 4 and ReconConfig().windows_for({**grid, **planes}, 2048) == 4
-    assert ReconConfig(batch=3).windows_for(grid, 2048) == 3
 
 
 # ------------------------------------------------------------------------------------------ equalization

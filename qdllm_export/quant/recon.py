@@ -26,12 +26,6 @@ TARGETS = ("float", "local")
 # steps per block when ReconConfig.iters is None, by what is tuned (docs/benchmarks.md "recon": on both bundled
 # families 50 steps matched 100 for the grids; planes gained from 100)
 DEFAULT_ITERS = {"grid": 50, "planes": 100}
-# windows a step when ReconConfig.batch is None: WINDOWS_PER_STEP, and where what is tuned has a TOKENS_PER_STEP,
-# no more windows than hold that many tokens (at least one). docs/benchmarks.md "recon": on both bundled families
-# (windows of 256 tokens) the grids tuned with 1 window a step matched 4; planes lost 0.02-0.04 ΔNLL. At 8B's
-# 2048-token windows the grids' steps take one window, a quarter of the cost
-WINDOWS_PER_STEP = 4
-TOKENS_PER_STEP = {"grid": 1024, "planes": None}
 # windows the keep-or-drop check compares the block's loss on (the first ones; all when fewer)
 CHECK_WINDOWS = 32
 
@@ -40,19 +34,20 @@ CHECK_WINDOWS = 32
 class ReconConfig:
     """``iters``: signed-gradient steps per block (0: off; None: ``DEFAULT_ITERS`` of what is tuned); ``lr``:
     first step, in units of each tunable's ``step`` times its ``lr_scale``, falling linearly to 0 (default
-    ``1 / iters``, AutoRound's); ``batch``: calibration windows per step (None: :meth:`windows_for`); ``target``: ``float`` (the float
-    model's block output on the float model's inputs) or ``local`` (the float block on the quantized inputs)."""
+    ``1 / iters``, AutoRound's); ``batch``: calibration windows per step (docs/benchmarks.md "recon": 1 window of
+    256 tokens matched 4 for q2_k, not for int2 and planes); ``target``: ``float`` (the float model's block output
+    on the float model's inputs) or ``local`` (the float block on the quantized inputs)."""
 
     iters: int | None = None
     lr: float | None = None  # default 1 / iters (AutoRound's)
-    batch: int | None = None
+    batch: int = 4
     target: str = "float"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.iters is not None and self.iters < 0:
             raise QdllmError(f"--tune-iters must be >= 0, got {self.iters}")
-        if self.batch is not None and self.batch < 1:
+        if self.batch < 1:
             raise QdllmError(f"block-output tuning needs at least 1 window a step, got {self.batch}")
         if self.target not in TARGETS:
             raise QdllmError(f"reconstruction target {self.target!r} is not one of {', '.join(TARGETS)}")
@@ -64,16 +59,6 @@ class ReconConfig:
     def steps_for(self, tunables: dict[str, "Tunable"]) -> int:
         """The steps of one block: ``iters``, else the largest default of its tunables' kinds."""
         return self.iters if self.iters is not None else max(DEFAULT_ITERS[t.kind] for t in tunables.values())
-
-    def windows_for(self, tunables: dict[str, "Tunable"], seq_len: int) -> int:
-        """Calibration windows of ``seq_len`` tokens a step: ``batch``, else ``WINDOWS_PER_STEP``, capped by the
-        smallest ``TOKENS_PER_STEP`` of the tunables' kinds (at least one window)."""
-        if self.batch is not None:
-            return self.batch
-        caps = [TOKENS_PER_STEP[t.kind] for t in tunables.values() if TOKENS_PER_STEP[t.kind] is not None]
-        if len(caps) < len(tunables):  # a kind without a cap (planes) keeps every window
-            return WINDOWS_PER_STEP
-        return max(1, min(WINDOWS_PER_STEP, min(caps) // seq_len))
 
     def step_size(self, iters: int) -> float:
         return self.lr if self.lr is not None else 1.0 / max(iters, 1)
@@ -205,7 +190,7 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     ``X`` to ``commit``, or None when the tuned codes do not lower the loss over the first ``CHECK_WINDOWS`` windows
     of ``x``; the report)."""
     roles = list(tunables)
-    batch = min(cfg.windows_for(tunables, x.shape[1]), x.shape[0])
+    batch = min(cfg.batch, x.shape[0])
     check = max(batch, 4)  # windows a no-grad forward of the check
     before = _block_loss(run, fitted, x, y, check)
     stacks = _stacks(tunables)
