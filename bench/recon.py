@@ -74,7 +74,7 @@ def run(a: argparse.Namespace) -> None:
     for seed in a.seeds:
         t0 = time.time()
         ccfg = CalibConfig(n_samples=128, seq_len=256, seed=seed)
-        recon = ReconConfig(iters=iters, lr=a.lr, seed=seed, batch=a.batch)
+        recon = ReconConfig(iters=iters, lr=a.lr, seed=seed, **({"batch": a.batch} if a.batch else {}))
         with tempfile.TemporaryDirectory() as tmp:
             _, rec = quantize_checkpoint(resolve(a.model), Path(tmp) / "q", target(a.model, a.kind, ccfg, a.bpw), ccfg,
                                          recon=recon, equalize=a.variant.startswith("eq"))
