@@ -47,7 +47,9 @@ from formats.ggml_tensor import GGMLTensor
 from qdllm_export.grids import libggml
 
 CHUNK = 1 << 24  # elements of one candidate tensor [rows, groups, E, dim] (64 MB of float32)
-NEIGHBOURS = 32  # codebook points block-output tuning chooses among per vector: the fitted one's nearest (requant)
+# codebook points block-output tuning chooses among per vector: the fitted one's nearest (requant). 16 and 32 gave
+# the same auto --bpw 2.5 ΔNLL on both bundled families (3 seeds, docs/benchmarks.md "recon"); 16 rounds 1.45x faster
+NEIGHBOURS = 16
 # elements of requant's candidate tensor [rows, groups, NEIGHBOURS, dim]: cache-sized on the CPU (a 1024 x 256 block
 # 0.11 s at 1 << 24, 0.046 s at 1 << 20), a few launches per block on a GPU
 LOCAL_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
