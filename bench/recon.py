@@ -134,7 +134,7 @@ def report(_: argparse.Namespace) -> None:
             table.append([kind if bpw is None else f"auto --bpw {bpw}", model, f"{sel[0]['bits_per_weight_linear']:.3f}", *cells])
     sweep = [r for r in rows if r not in main]
     sweep_rows = [[r["kind"], r["model"], r["variant"] + (" (old no-change scoring)" if _old_eq(r) else "") + (" (bf16 steps)" if r.get("steps_bf16") else "")
-                   + (f" ({r['batch']} windows a step)" if r.get("batch") else ""),
+                   + (f" ({r['batch']} window{'s' if r['batch'] != 1 else ''} a step)" if r.get("batch") else ""),
                    r["iters"], r.get("lr") or "default", r["seed"], f"{r['dnll']:+.4f}"]
                   for r in sweep]
     body = ("## Block-output tuning and equalization (`bench/recon.py`, issue 16)\n\n"
