@@ -49,9 +49,10 @@ def _load_block_weights(src: HFTensors, i: int, device: str, arrays: dict[str, n
     hf = hp.spec.hf_names(hp)
     params = dict(block.named_parameters())
     filled = {hf[name][len(prefix):] for name in arrays}
-    if filled != set(params) or any(True for _ in block.buffers()):
-        raise QdllmError(f"block {i}: the checkpoint's tensors {sorted(filled ^ set(params))} do not match the "
-                         "block's parameters; this is a bug of the family table, please report it")
+    buffers = [n for n, _ in block.named_buffers()]  # built on meta, a buffer would hold no values
+    if filled != set(params) or buffers:
+        raise QdllmError(f"block {i}: the checkpoint's tensors and the block's parameters differ in "
+                         f"{sorted(filled ^ set(params)) + buffers}; this is a bug of the family table, please report it")
     for name, arr in arrays.items():
         with torch.no_grad():
             params[hf[name][len(prefix):]].copy_(torch.from_numpy(arr))

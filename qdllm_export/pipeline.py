@@ -390,13 +390,14 @@ def quantize_checkpoint(
     try:
         if on_layer:
             on_layer(0, hp.n_layers, f"token_embd as {tables.embed_type}")
-        embd = encode_table(TABLES[0], src.get(TABLES[0]), tables.embed_type, device=device)
+        embd_float = src.get(TABLES[0])
+        embd = encode_table(TABLES[0], embd_float, tables.embed_type, device=device)
         embd_values = table_values(embd)  # decoded once: calibration starts from it, the record compares it
-        table_records = {TABLES[0]: _table_record(TABLES[0], embd, src.get(TABLES[0]), embd_values)}
+        table_records = {TABLES[0]: _table_record(TABLES[0], embd, embd_float, embd_values)}
         calib = _calibration(src, model_dir, ccfg, device, batch, embd_values,
                              float_stream=tuning and recon.target == "float") if target.needs_data \
             else _Calib(None, None, None, batch)
-        del embd_values
+        del embd_values, embd_float
         for i in range(hp.n_layers):
             block = load_block(src, i, device)
             stored = quantize_block(block, i, target, calib, true_sequential, result, on_layer, hp.n_layers,

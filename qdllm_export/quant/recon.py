@@ -191,8 +191,7 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     of ``x``; the report)."""
     roles = list(tunables)
     batch = min(cfg.batch, x.shape[0])
-    check = max(batch, 4)  # windows a no-grad forward of the check
-    before = _block_loss(run, fitted, x, y, check)
+    before = _block_loss(run, fitted, x, y, batch)
     stacks = _stacks(tunables)
     V = [torch.zeros_like(st.start, requires_grad=True) for st in stacks]
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -217,7 +216,7 @@ def reconstruct(run: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     with torch.no_grad():
         points = {r: X for st, v in zip(stacks, V) for r, X in st.split(st.start + v * st.step).items()}
         tuned = {**fitted, **{r: tunables[r].nearest(points[r]) for r in roles}}
-        after = _block_loss(run, tuned, x, y, check)
+        after = _block_loss(run, tuned, x, y, batch)
     kept = after < before
     return (points if kept else None), ReconReport(before, after, kept, tuple(roles), iters)
 
